@@ -1,0 +1,1 @@
+"""Triton kernels of softmax_ce, installed as `softmax_ce.kernels`: kernels and launch configs only."""

@@ -1,0 +1,313 @@
+"""Softmax cross-entropy over large vocabularies: forward, fused gradient, recompute backward.
+
+Math, per row of logits z (n_cols = V classes), after the optional softcap
+z' = softcap * tanh(z / softcap):
+
+    lse  = log sum_c exp(z'_c)                       (online: m, d in fp32)
+    loss = alpha * (lse - z'_t)                      class index t
+         | alpha * (lse * sum(w*y) - sum(w*y*z'))    probability target y
+         + beta  * (W * lse - sum(w*z'))             label smoothing, W = sum(w)
+         + zeta  * lse^2                             z-loss
+    dloss/dz' = dlse * softmax(z') - alpha * onehot(t) - beta * w   (or - alpha*w*y)
+    dlse      = dloss/dlse = alpha (* sum(w*y)) + beta * W + 2 * zeta * lse
+
+alpha, beta and zeta are per-row fp32 coefficients that the host computes on the
+device: they carry the class weight of the target, ignore_index (0 for ignored
+rows), label smoothing and the reduction's denominator.  The kernels never see
+the reduction or the options as such, only these numbers, so one kernel serves
+every combination torch accepts.
+
+Bytes moved per logit element (b = bytes of the logits' dtype, 2 for bf16):
+
+    ce_fwd_kernel, WRITE_GRAD=False   reads b                      (loss, lse: O(1) per row)
+    ce_fwd_kernel, WRITE_GRAD=True    reads b, writes b            (+ b re-read, from L2 when
+                                                                    the rows in flight fit)
+    ce_bwd_kernel                     reads b, writes b            (recompute from lse)
+    ce_scale_kernel                   reads b, writes b            (skipped when grad_output == 1)
+
+so a training step costs 3b per element with the recompute strategy (forward,
+then backward), and 2b (grad_output == 1) or 4b (any other scalar) with the
+fused one.  Probability targets add one read of the target per pass.
+
+Each kernel handles one row per program, walking it in tiles of BLOCK_V; row
+offsets are int64 because n_rows * V passes 2**31 at LLM scale.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+from ._online import grad_tile, load_logits, online_softmax_update, to_store_dtype
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its NumPy interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------
+# Tunable configurations.  The GPU path autotunes over these per (V, dtype,
+# flags); the interpreter cannot autotune ("0 active drivers"), so it runs the
+# single fixed config below, through the same launcher.
+# ----------------------------------------------------------------------------
+
+def fwd_configs():
+    """Configs for ce_fwd_kernel and ce_bwd_kernel: a streaming loop over one row."""
+    return [
+        triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=ns)
+        for bv in (1024, 2048, 4096, 8192)
+        for nw in (4, 8, 16)
+        for ns in (1, 2, 3)
+        if bv // (32 * nw) >= 4  # at least 4 elements per thread per tile
+    ]
+
+
+def bwd_configs():
+    return fwd_configs()
+
+
+def scale_configs():
+    return [triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv in (2048, 4096, 8192) for nw in (4, 8)]
+
+
+def interpreter_block(n_cols: int) -> int:
+    # Large tiles make the interpreter (one NumPy call per op and tile) fast.
+    return max(16, min(4096, triton.next_power_of_2(n_cols)))
+
+
+# ----------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def ce_fwd_kernel(
+    # pointers
+    logits_ptr,        # (n_rows, n_cols) fp32 / bf16 / fp16
+    target_ptr,        # (n_rows,) int class index, or (n_rows, n_cols) probabilities
+    weight_ptr,        # (n_cols,) fp32 class weights          [HAS_WEIGHT]
+    alpha_ptr,         # (n_rows,) fp32 target-term coefficient
+    beta_ptr,          # (n_rows,) fp32 smoothing coefficient   [HAS_SMOOTHING]
+    zeta_ptr,          # (n_rows,) fp32 z-loss coefficient      [HAS_ZLOSS]
+    loss_ptr,          # (n_rows,) fp32 out: loss of each row, coefficients applied
+    lse_ptr,           # (n_rows,) fp32 out: log-sum-exp of z'
+    dlse_ptr,          # (n_rows,) fp32 out: d loss_row / d lse
+    grad_ptr,          # (n_rows, n_cols) out: d loss / d z    [WRITE_GRAD]; may alias logits
+    # sizes
+    n_cols,
+    # strides (in elements)
+    stride_logits_row, stride_logits_col,
+    stride_target_row, stride_target_col,
+    stride_grad_row, stride_grad_col,
+    # runtime scalars
+    softcap,           # fp32, read when HAS_SOFTCAP
+    # compile-time constants
+    BLOCK_V: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits_row
+    tgt_row = target_ptr + row * stride_target_row
+    cols = tl.arange(0, BLOCK_V)
+
+    alpha = tl.load(alpha_ptr + row)
+    beta = 0.0
+    if HAS_SMOOTHING:
+        beta = tl.load(beta_ptr + row)
+    zeta = 0.0
+    if HAS_ZLOSS:
+        zeta = tl.load(zeta_ptr + row)
+
+    target = -1
+    if not PROB_TARGET:
+        target = tl.load(tgt_row).to(tl.int64)
+
+    # The linear sums (sum w*z', sum w*y*z') are taken about a per-row reference
+    # point `ref` (the first tile's max) so that W*lse - sum(w*z') does not
+    # cancel catastrophically for rows far from 0 (e.g. every logit near -1e4).
+    NEED_SUMS: tl.constexpr = HAS_SMOOTHING or PROB_TARGET
+    ref = 0.0
+    if NEED_SUMS:
+        z0 = load_logits(logits_row, cols, cols < n_cols, stride_logits_col, softcap, HAS_SOFTCAP)
+        ref = tl.max(z0, axis=0)
+        ref = tl.where((ref == float("-inf")) | (ref != ref), 0.0, ref)
+
+    # ---- pass 1: online softmax statistics, read each logit once ----------
+    m = float("-inf")
+    d = 0.0
+    s_w = 0.0      # sum w           (smoothing with weights)
+    s_wz = 0.0     # sum w (z' - ref)
+    s_wy = 0.0     # sum w y         (probability targets)
+    s_wyz = 0.0    # sum w y (z' - ref)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        mask = offs < n_cols
+        z = load_logits(logits_row, offs, mask, stride_logits_col, softcap, HAS_SOFTCAP)
+        m, d = online_softmax_update(m, d, z)
+        if NEED_SUMS:
+            zc = tl.where(mask, z - ref, 0.0)
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    s_w += tl.sum(w, axis=0)
+                    s_wz += tl.sum(w * zc, axis=0)
+                else:
+                    s_wz += tl.sum(zc, axis=0)
+            if PROB_TARGET:
+                y = tl.load(tgt_row + offs * stride_target_col, mask=mask, other=0.0).to(tl.float32)
+                if HAS_WEIGHT:
+                    y = y * w
+                s_wy += tl.sum(y, axis=0)
+                # y = 0 on a masked (-inf) logit contributes 0, not 0 * -inf
+                s_wyz += tl.sum(tl.where(y != 0.0, y * zc, 0.0), axis=0)
+
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    log_d = tl.log(d)
+    lse = shift + log_d
+
+    # ---- the row's loss and d loss / d lse ---------------------------------
+    if PROB_TARGET:
+        loss = alpha * ((lse - ref) * s_wy - s_wyz)
+        dlse = alpha * s_wy
+    else:
+        in_range = (target >= 0) & (target < n_cols)
+        z_t = load_logits(logits_row, tl.where(in_range, target, 0), in_range,
+                          stride_logits_col, softcap, HAS_SOFTCAP)
+        z_t = tl.where(in_range, z_t, shift)  # an ignored row: keep the math finite
+        # (m - z_t) + log d rather than lse - z_t: exact when z_t is the max,
+        # which keeps a confident model's small loss accurate
+        loss = tl.where(alpha != 0.0, alpha * ((shift - z_t) + log_d), 0.0)
+        dlse = alpha
+    if HAS_SMOOTHING:
+        W = n_cols * 1.0
+        if HAS_WEIGHT:
+            W = s_w
+        loss += tl.where(beta != 0.0, beta * (W * (lse - ref) - s_wz), 0.0)
+        dlse += beta * W
+    if HAS_ZLOSS:
+        loss += tl.where(zeta != 0.0, zeta * lse * lse, 0.0)
+        dlse += 2.0 * zeta * lse
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+    tl.store(dlse_ptr + row, dlse)
+
+    # ---- pass 2 (fused strategy): the gradient for grad_output = 1 ---------
+    if WRITE_GRAD:
+        active = (dlse != 0.0) | (alpha != 0.0)
+        if HAS_SMOOTHING:
+            active = active | (beta != 0.0)
+        n_read = tl.where(active, n_cols, 0)
+        grad_row = grad_ptr + row * stride_grad_row
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + cols
+            mask = offs < n_cols
+            g = grad_tile(logits_row, offs, offs < n_read, stride_logits_col, weight_ptr,
+                          tgt_row, stride_target_col, target,
+                          lse, dlse, alpha, beta, softcap,
+                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+            g = tl.where(active, g, 0.0)
+            tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ce_bwd_kernel(
+    # pointers
+    logits_ptr,        # (n_rows, n_cols) the forward's logits
+    target_ptr,        # (n_rows,) int class index, or (n_rows, n_cols) probabilities
+    weight_ptr,        # (n_cols,) fp32 class weights          [HAS_WEIGHT]
+    lse_ptr,           # (n_rows,) fp32 saved by the forward
+    s_coef_ptr,        # (n_rows,) fp32 grad_out * dlse (+ grad of lse)
+    alpha_ptr,         # (n_rows,) fp32 grad_out * alpha
+    beta_ptr,          # (n_rows,) fp32 grad_out * beta           [HAS_SMOOTHING]
+    grad_ptr,          # (n_rows, n_cols) out; may alias logits
+    # sizes
+    n_cols,
+    # strides (in elements)
+    stride_logits_row, stride_logits_col,
+    stride_target_row, stride_target_col,
+    stride_grad_row, stride_grad_col,
+    # runtime scalars
+    softcap,
+    # compile-time constants
+    BLOCK_V: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits_row
+    tgt_row = target_ptr + row * stride_target_row
+    grad_row = grad_ptr + row * stride_grad_row
+    cols = tl.arange(0, BLOCK_V)
+
+    lse = tl.load(lse_ptr + row)
+    s_coef = tl.load(s_coef_ptr + row)
+    alpha = tl.load(alpha_ptr + row)
+    beta = 0.0
+    if HAS_SMOOTHING:
+        beta = tl.load(beta_ptr + row)
+    target = -1
+    if not PROB_TARGET:
+        target = tl.load(tgt_row).to(tl.int64)
+
+    # An ignored row (all coefficients 0) has a zero gradient: its logits are
+    # not read at all, a masked-off load moves no bytes.
+    active = (s_coef != 0.0) | (alpha != 0.0)
+    if HAS_SMOOTHING:
+        active = active | (beta != 0.0)
+    n_read = tl.where(active, n_cols, 0)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        mask = offs < n_cols
+        g = grad_tile(logits_row, offs, offs < n_read, stride_logits_col, weight_ptr,
+                      tgt_row, stride_target_col, target,
+                      lse, s_coef, alpha, beta, softcap,
+                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        g = tl.where(active, g, 0.0)
+        tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ce_scale_kernel(
+    grad_ptr,          # (n_rows, n_cols) in/out: the fused forward's gradient
+    scale_ptr,         # (n_rows,) fp32 grad_output per row (stride 0 for a scalar)
+    n_cols,
+    stride_grad_row, stride_grad_col,
+    stride_scale,
+    BLOCK_V: tl.constexpr,
+):
+    """grad *= grad_output, skipping rows whose factor is exactly 1 (then no byte moves)."""
+    row = tl.program_id(0).to(tl.int64)
+    grad_row = grad_ptr + row * stride_grad_row
+    scale = tl.load(scale_ptr + row * stride_scale)
+    cols = tl.arange(0, BLOCK_V)
+    n_touch = tl.where(scale != 1.0, n_cols, 0)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        mask = offs < n_touch
+        g = tl.load(grad_row + offs * stride_grad_col, mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g * scale, grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------
+# Autotuned entry points (GPU only).  Keys: the vocabulary size and the flags;
+# Triton adds the tensors' dtypes to the key itself.  The in-place variants
+# restore the buffer they overwrite between trials, so tuning never feeds a
+# gradient back in as logits.
+# ----------------------------------------------------------------------------
+
+_FWD_KEY = ["n_cols", "PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_ZLOSS", "HAS_SOFTCAP", "WRITE_GRAD"]
+_BWD_KEY = ["n_cols", "PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"]
+
+ce_fwd_tuned = triton.autotune(configs=fwd_configs(), key=_FWD_KEY)(ce_fwd_kernel)
+ce_fwd_tuned_inplace = triton.autotune(configs=fwd_configs(), key=_FWD_KEY, restore_value=["logits_ptr"])(ce_fwd_kernel)
+ce_bwd_tuned = triton.autotune(configs=bwd_configs(), key=_BWD_KEY)(ce_bwd_kernel)
+ce_bwd_tuned_inplace = triton.autotune(configs=bwd_configs(), key=_BWD_KEY, restore_value=["logits_ptr"])(ce_bwd_kernel)
+ce_scale_tuned = triton.autotune(configs=scale_configs(), key=["n_cols"], restore_value=["grad_ptr"])(ce_scale_kernel)

@@ -1,0 +1,246 @@
+"""Launchers: write into tensors the caller allocated, never allocate logits-sized memory.
+
+Each entry point dispatches to one of two implementations with the same semantics:
+
+* the Triton kernels of `softmax_ce.kernels.cross_entropy`, for CUDA tensors and,
+  under TRITON_INTERPRET=1, for CPU tensors (the interpreter runs the same kernels);
+* a chunked PyTorch path for everything else (CPU without the interpreter, and
+  float64 anywhere, which the fp32-accumulating kernels would not honour).  It walks
+  the rows in chunks of at most CHUNK_ELEMENTS logits, so its temporaries stay a
+  fixed size however large the logits are.
+
+All row-level tensors (alpha, beta, zeta, loss, lse, dlse, s_coef) are fp32
+vectors of length n_rows (float64 on the float64 path); see the kernel file for
+what each means.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import cross_entropy as K
+
+# Rows per chunk of the PyTorch path: about 4M logits, so its few fp32
+# temporaries (upcast chunk, exp, gradient) stay near 50 MB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def uses_triton(logits: Tensor) -> bool:
+    if logits.dtype == torch.float64:
+        return False
+    if logits.is_cuda:
+        return True
+    return logits.device.type == "cpu" and K.interpreting()
+
+
+def _target_strides(target: Tensor, prob_target: bool):
+    return (target.stride(0), target.stride(1)) if prob_target else (target.stride(0), 0)
+
+
+# ----------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------
+
+def _fwd_triton(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap):
+    n_rows, n_cols = logits.shape
+    flags = dict(
+        PROB_TARGET=prob_target,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=beta is not None,
+        HAS_ZLOSS=zeta is not None,
+        HAS_SOFTCAP=softcap is not None,
+        WRITE_GRAD=grad is not None,
+    )
+    args = (
+        logits, target,
+        weight if weight is not None else alpha,
+        alpha,
+        beta if beta is not None else alpha,
+        zeta if zeta is not None else alpha,
+        loss, lse, dlse,
+        grad if grad is not None else logits,
+        n_cols,
+        logits.stride(0), logits.stride(1),
+        *_target_strides(target, prob_target),
+        *(grad.stride() if grad is not None else (0, 0)),
+        float(softcap) if softcap is not None else 1.0,
+    )
+    if K.interpreting():
+        K.ce_fwd_kernel[(n_rows,)](*args, BLOCK_V=K.interpreter_block(n_cols), num_warps=4, **flags)
+    else:
+        inplace = grad is not None and grad.data_ptr() == logits.data_ptr()
+        kernel = K.ce_fwd_tuned_inplace if inplace else K.ce_fwd_tuned
+        kernel[(n_rows,)](*args, **flags)
+
+
+def _bwd_triton(logits, target, weight, lse, s_coef, alpha, beta, grad, prob_target, softcap):
+    n_rows, n_cols = logits.shape
+    flags = dict(
+        PROB_TARGET=prob_target,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=beta is not None,
+        HAS_SOFTCAP=softcap is not None,
+    )
+    args = (
+        logits, target,
+        weight if weight is not None else lse,
+        lse, s_coef, alpha,
+        beta if beta is not None else lse,
+        grad,
+        n_cols,
+        logits.stride(0), logits.stride(1),
+        *_target_strides(target, prob_target),
+        grad.stride(0), grad.stride(1),
+        float(softcap) if softcap is not None else 1.0,
+    )
+    if K.interpreting():
+        K.ce_bwd_kernel[(n_rows,)](*args, BLOCK_V=K.interpreter_block(n_cols), num_warps=4, **flags)
+    else:
+        inplace = grad.data_ptr() == logits.data_ptr()
+        kernel = K.ce_bwd_tuned_inplace if inplace else K.ce_bwd_tuned
+        kernel[(n_rows,)](*args, **flags)
+
+
+def _scale_triton(grad, scale):
+    n_rows, n_cols = grad.shape
+    args = (grad, scale, n_cols, grad.stride(0), grad.stride(1), scale.stride(0))
+    if K.interpreting():
+        K.ce_scale_kernel[(n_rows,)](*args, BLOCK_V=K.interpreter_block(n_cols), num_warps=4)
+    else:
+        K.ce_scale_tuned[(n_rows,)](*args)
+
+
+# ----------------------------------------------------------------------------
+# Chunked PyTorch path: the same math, a bounded number of rows at a time
+# ----------------------------------------------------------------------------
+
+def _chunks(n_rows: int, n_cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    for r0 in range(0, n_rows, step):
+        yield slice(r0, min(n_rows, r0 + step))
+
+
+def _softcapped(z: Tensor, softcap):
+    """z' and, for the chain rule, tanh(z / softcap) (None without a softcap)."""
+    if softcap is None:
+        return z, None
+    th = torch.tanh(z / softcap)
+    return softcap * th, th
+
+
+def _grad_chunk(z, th, target, weight, lse, s_coef, alpha, beta, prob_target):
+    """d loss / d z of a chunk; the same formula as kernels._online.grad_tile."""
+    g = torch.exp(z - lse[:, None]).mul_(s_coef[:, None])
+    if prob_target:
+        y = target.to(z.dtype) * alpha[:, None]  # never in place: target is the user's
+        if weight is not None:
+            y = y * weight
+        g.sub_(y)
+    else:
+        in_range = (target >= 0) & (target < z.shape[1])
+        cols = torch.where(in_range, target, 0).long()[:, None]
+        g.scatter_add_(1, cols, -torch.where(in_range, alpha, 0.0)[:, None].to(g.dtype))
+    if beta is not None:
+        g.sub_(beta[:, None] * (weight if weight is not None else 1.0))
+    if th is not None:
+        g.mul_(1.0 - th * th)
+    active = (s_coef != 0) | (alpha != 0)
+    if beta is not None:
+        active |= beta != 0
+    return g.masked_fill_(~active[:, None], 0.0)
+
+
+def _fwd_torch(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap):
+    n_rows, n_cols = logits.shape
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    w = weight.to(cdt) if weight is not None else None
+    for rows in _chunks(n_rows, n_cols):
+        z, th = _softcapped(logits[rows].to(cdt), softcap)
+        a = alpha[rows].to(cdt)
+        m = z.amax(dim=1)
+        shift = torch.where(m == float("-inf"), 0.0, m)
+        log_d = torch.exp(z - shift[:, None]).sum(dim=1).log()
+        lse_c = shift + log_d
+        t = target[rows]
+        if prob_target:
+            y = t.to(cdt)
+            wy = y * w if w is not None else y
+            logp = z - lse_c[:, None]
+            # y = 0 on a masked (-inf) logit contributes 0, not 0 * -inf
+            loss_c = a * -torch.where(wy != 0, wy * logp, 0.0).sum(dim=1)
+            dlse_c = a * wy.sum(dim=1)
+        else:
+            in_range = (t >= 0) & (t < n_cols)
+            z_t = z.gather(1, torch.where(in_range, t, 0).long()[:, None])[:, 0]
+            loss_c = torch.where(a != 0, a * ((shift - z_t) + log_d), 0.0)
+            dlse_c = a.clone()
+        if beta is not None:
+            b = beta[rows].to(cdt)
+            logp = z - lse_c[:, None]
+            W = w.sum() if w is not None else float(n_cols)
+            smooth = -(logp * w).sum(dim=1) if w is not None else -logp.sum(dim=1)
+            loss_c += torch.where(b != 0, b * smooth, 0.0)
+            dlse_c += b * W
+        if zeta is not None:
+            zt = zeta[rows].to(cdt)
+            loss_c += torch.where(zt != 0, zt * lse_c * lse_c, 0.0)
+            dlse_c += 2.0 * zt * lse_c
+        loss[rows] = loss_c
+        lse[rows] = lse_c
+        dlse[rows] = dlse_c
+        if grad is not None:
+            g = _grad_chunk(z, th, t, w, lse_c, dlse_c, a,
+                            beta[rows].to(cdt) if beta is not None else None, prob_target)
+            grad[rows] = g  # after every read of this chunk: grad may alias logits
+
+
+def _bwd_torch(logits, target, weight, lse, s_coef, alpha, beta, grad, prob_target, softcap):
+    n_rows, n_cols = logits.shape
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    w = weight.to(cdt) if weight is not None else None
+    for rows in _chunks(n_rows, n_cols):
+        z, th = _softcapped(logits[rows].to(cdt), softcap)
+        g = _grad_chunk(z, th, target[rows], w, lse[rows].to(cdt), s_coef[rows].to(cdt),
+                        alpha[rows].to(cdt), beta[rows].to(cdt) if beta is not None else None,
+                        prob_target)
+        grad[rows] = g
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+
+def forward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
+                 beta: Optional[Tensor], zeta: Optional[Tensor],
+                 loss: Tensor, lse: Tensor, dlse: Tensor, grad: Optional[Tensor],
+                 prob_target: bool, softcap: Optional[float]) -> None:
+    """Per-row loss, lse and d loss/d lse; with `grad`, also the gradient for grad_output = 1.
+
+    logits (n_rows, n_cols); target (n_rows,) int or (n_rows, n_cols) float; grad may be logits.
+    """
+    if logits.shape[0] == 0:
+        return
+    impl = _fwd_triton if uses_triton(logits) else _fwd_torch
+    impl(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap)
+
+
+def backward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                  s_coef: Tensor, alpha: Tensor, beta: Optional[Tensor], grad: Tensor,
+                  prob_target: bool, softcap: Optional[float]) -> None:
+    """The gradient recomputed from the saved lse; coefficients already hold grad_output."""
+    if logits.shape[0] == 0:
+        return
+    impl = _bwd_triton if uses_triton(logits) else _bwd_torch
+    impl(logits, target, weight, lse, s_coef, alpha, beta, grad, prob_target, softcap)
+
+
+def scale_(grad: Tensor, scale: Tensor) -> None:
+    """grad[i, :] *= scale[i]; `scale` may be an expanded scalar (stride 0)."""
+    if grad.shape[0] == 0:
+        return
+    if uses_triton(grad):
+        _scale_triton(grad, scale)
+    else:
+        for rows in _chunks(*grad.shape):
+            grad[rows] *= scale[rows, None].to(grad.dtype)

@@ -1,0 +1,111 @@
+"""The launchers registered as PyTorch custom ops (namespace `softmax_ce`).
+
+Registering them makes the kernels opaque, well-described nodes for
+torch.compile (fullgraph tracing, functionalization of the in-place variants)
+and for CUDA graphs: no op here synchronises with the host.  Each op allocates
+its outputs and calls a launcher of `_launch`; the `_` ops write into the
+logits' own storage instead of a new buffer, and declare that mutation.
+"""
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import _launch
+
+
+def _row_outputs(logits: Tensor):
+    n_rows = logits.shape[0]
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return [logits.new_empty(n_rows, dtype=dt) for _ in range(3)]
+
+
+@torch.library.custom_op("softmax_ce::fwd", mutates_args=())
+def fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
+        beta: Optional[Tensor], zeta: Optional[Tensor], prob_target: bool,
+        softcap: Optional[float]) -> List[Tensor]:
+    """-> [loss, lse, dlse], each (n_rows,) fp32."""
+    loss, lse, dlse = _row_outputs(logits)
+    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, None,
+                         prob_target, softcap)
+    return [loss, lse, dlse]
+
+
+@torch.library.custom_op("softmax_ce::fwd_grad", mutates_args=())
+def fwd_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
+             beta: Optional[Tensor], zeta: Optional[Tensor], prob_target: bool,
+             softcap: Optional[float]) -> List[Tensor]:
+    """Fused: -> [loss, lse, dlse, grad]; grad (n_rows, n_cols) is for grad_output = 1."""
+    loss, lse, dlse = _row_outputs(logits)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad,
+                         prob_target, softcap)
+    return [loss, lse, dlse, grad]
+
+
+@torch.library.custom_op("softmax_ce::fwd_grad_", mutates_args=("logits",))
+def fwd_grad_(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
+              beta: Optional[Tensor], zeta: Optional[Tensor], prob_target: bool,
+              softcap: Optional[float]) -> List[Tensor]:
+    """Fused, in place: the logits are overwritten by the gradient. -> [loss, lse, dlse]."""
+    loss, lse, dlse = _row_outputs(logits)
+    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, logits,
+                         prob_target, softcap)
+    return [loss, lse, dlse]
+
+
+@torch.library.custom_op("softmax_ce::bwd", mutates_args=())
+def bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor, s_coef: Tensor,
+        alpha: Tensor, beta: Optional[Tensor], prob_target: bool,
+        softcap: Optional[float]) -> Tensor:
+    """Recompute strategy: -> grad (n_rows, n_cols), grad_output already in the coefficients."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _launch.backward_into(logits, target, weight, lse, s_coef, alpha, beta, grad,
+                          prob_target, softcap)
+    return grad
+
+
+@torch.library.custom_op("softmax_ce::bwd_", mutates_args=("logits",))
+def bwd_(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor, s_coef: Tensor,
+         alpha: Tensor, beta: Optional[Tensor], prob_target: bool,
+         softcap: Optional[float]) -> None:
+    """Recompute strategy, in place: the logits are overwritten by the gradient."""
+    _launch.backward_into(logits, target, weight, lse, s_coef, alpha, beta, logits,
+                          prob_target, softcap)
+
+
+@torch.library.custom_op("softmax_ce::scale_", mutates_args=("grad",))
+def scale_(grad: Tensor, scale: Tensor) -> None:
+    """grad[i, :] *= scale[i]; rows whose factor is 1 are not touched on the GPU."""
+    _launch.scale_(grad, scale)
+
+
+@fwd.register_fake
+def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap):
+    return _row_outputs(logits)
+
+
+@fwd_grad.register_fake
+def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap):
+    return _row_outputs(logits) + [torch.empty_like(logits, memory_format=torch.contiguous_format)]
+
+
+@fwd_grad_.register_fake
+def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap):
+    return _row_outputs(logits)
+
+
+@bwd.register_fake
+def _(logits, target, weight, lse, s_coef, alpha, beta, prob_target, softcap):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@bwd_.register_fake
+def _(logits, target, weight, lse, s_coef, alpha, beta, prob_target, softcap):
+    return None
+
+
+@scale_.register_fake
+def _(grad, scale):
+    return None

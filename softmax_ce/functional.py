@@ -1,0 +1,278 @@
+"""The functional API: `cross_entropy`, a drop-in for torch.nn.functional.cross_entropy.
+
+Layers, bottom up: kernels (softmax_ce.kernels) -> launchers that write into given
+tensors (_launch) -> custom ops (_ops) -> the autograd Function below -> this
+function, which checks arguments, flattens shapes, turns the options into per-row
+coefficients and applies the reduction.
+
+How the options become per-row coefficients (all on the device, no host sync):
+    rho_i   = weight[t_i] (1 without weight), 0 where t_i == ignore_index
+    alpha_i = (1 - label_smoothing) * rho_i
+    beta_i  = label_smoothing / C * [t_i != ignore_index]
+    zeta_i  = z_loss * rho_i
+and for reduction="mean" each is divided by torch's denominator, sum(rho) (the
+number of non-ignored targets without a weight).  Probability targets have
+rho_i = 1 and the number of rows as denominator.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from ._launch import uses_triton
+
+GRAD_MODES = ("recompute", "fused")
+_REDUCTIONS = ("none", "mean", "sum")
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Autograd over (n_rows, n_cols) logits -> (loss_rows, lse), both (n_rows,) fp32.
+
+    grad_mode "recompute": the forward saves lse and the row coefficients; the
+    backward reads the logits once more and writes the gradient scaled by
+    grad_output (3 passes' worth of bytes in all: read, read, write).
+    grad_mode "fused": the forward also writes the gradient for grad_output = 1;
+    the backward rescales it in place, a no-op on the GPU when grad_output == 1.
+    inplace: the gradient is written into the logits' storage; the op declares the
+    mutation, so autograd's version counter makes any later use of those logits in
+    a backward raise instead of reading a gradient as logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, alpha, beta, zeta, prob_target, softcap,
+                grad_mode, inplace):
+        args = (target, weight, alpha, beta, zeta, prob_target, softcap)
+        ctx.fused = grad_mode == "fused"
+        ctx.prob_target, ctx.softcap, ctx.inplace = prob_target, softcap, inplace
+        if ctx.fused:
+            if inplace:
+                loss, lse, dlse = _ops.fwd_grad_(logits, *args)
+                grad = logits
+            else:
+                loss, lse, dlse, grad = _ops.fwd_grad(logits, *args)
+            ctx.save_for_backward(grad)
+            ctx.mark_non_differentiable(lse)
+        else:
+            loss, lse, dlse = _ops.fwd(logits, *args)
+            ctx.save_for_backward(logits, target, weight, lse, dlse, alpha, beta)
+        ctx.needs_target_grad = prob_target and ctx.needs_input_grad[1]
+        if ctx.needs_target_grad:
+            ctx.target_grad_inputs = (logits.detach().clone(), lse, alpha, weight)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        grad_logits = grad_target = None
+        if ctx.needs_input_grad[0]:
+            if ctx.fused:
+                (grad_logits,) = ctx.saved_tensors
+                _ops.scale_(grad_logits, grad_loss.float())
+            else:
+                logits, target, weight, lse, dlse, alpha, beta = ctx.saved_tensors
+                g = grad_loss.to(dlse.dtype)
+                s_coef = g * dlse
+                if grad_lse is not None:
+                    s_coef = s_coef + grad_lse
+                args = (target, weight, lse, s_coef, g * alpha,
+                        g * beta if beta is not None else None, ctx.prob_target, ctx.softcap)
+                if ctx.inplace:
+                    _ops.bwd_(logits, *args)
+                    grad_logits = logits
+                else:
+                    grad_logits = _ops.bwd(logits, *args)
+        if ctx.needs_target_grad:
+            grad_target = _probability_target_grad(ctx, grad_loss)
+        return grad_logits, grad_target, None, None, None, None, None, None, None, None
+
+
+def _probability_target_grad(ctx, grad_loss):
+    """d loss / d y for probability targets: alpha * w * (lse - z').  Rare, so plain PyTorch."""
+    logits, lse, alpha, weight = ctx.target_grad_inputs
+    z = logits.to(lse.dtype)
+    if ctx.softcap is not None:
+        z = ctx.softcap * torch.tanh(z / ctx.softcap)
+    g = (grad_loss.to(lse.dtype) * alpha)[:, None] * (lse[:, None] - z)
+    return g * weight if weight is not None else g
+
+
+def _fail(exc, msg):
+    raise exc(f"softmax_ce.cross_entropy: {msg}")
+
+
+def _check_options(reduction, label_smoothing, z_loss, softcap, grad_mode):
+    if reduction not in _REDUCTIONS:
+        _fail(ValueError, f"reduction={reduction!r} is not a valid value for reduction; "
+                          f"expected one of {_REDUCTIONS}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        _fail(RuntimeError, f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    if not float(z_loss) >= 0.0:
+        _fail(ValueError, f"z_loss must be a non-negative float, got {z_loss}")
+    if softcap is not None and not float(softcap) > 0.0:
+        _fail(ValueError, f"softcap must be None or a positive float, got {softcap}")
+    if grad_mode not in GRAD_MODES:
+        _fail(ValueError, f"grad_mode={grad_mode!r} is not one of {GRAD_MODES}")
+
+
+def _flatten(input: Tensor, target: Tensor):
+    """(C) / (N, C) / (N, C, d1..dk) -> (rows, C) logits view and row-shaped target."""
+    if not isinstance(input, Tensor) or not input.is_floating_point():
+        _fail(RuntimeError, f"input must be a floating-point tensor, got "
+                            f"{getattr(input, 'dtype', type(input).__name__)}")
+    if input.dim() == 0:
+        _fail(ValueError, "input must have at least one dimension (the classes), got a 0-d tensor")
+    if not isinstance(target, Tensor):
+        _fail(TypeError, f"target must be a tensor, got {type(target).__name__}")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    batch_shape = input.shape[:0] if input.dim() == 1 else input.shape[:1] + input.shape[2:]
+
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            _fail(RuntimeError, f"target of floating dtype {target.dtype} must hold class "
+                                f"probabilities of the input's shape {tuple(input.shape)}, got "
+                                f"{tuple(target.shape)}; class-index targets must be integer "
+                                f"(int64, int32 or uint8)")
+        prob_target = True
+    else:
+        if target.dtype not in _INDEX_DTYPES:
+            _fail(RuntimeError, f"target must hold class indices (int64, int32 or uint8) or "
+                                f"class probabilities (floating), got {target.dtype}")
+        if target.shape != batch_shape:
+            if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+                _fail(ValueError, f"Expected input batch_size ({input.shape[0]}) to match "
+                                  f"target batch_size ({target.shape[0]}): input "
+                                  f"{tuple(input.shape)}, target {tuple(target.shape)}")
+            _fail(ValueError, f"target of shape {tuple(target.shape)} does not match input of "
+                              f"shape {tuple(input.shape)}: expected target shape "
+                              f"{tuple(batch_shape)} (the input's shape without the class dim 1)")
+        prob_target = False
+
+    def rows(t: Tensor, with_classes: bool) -> Tensor:
+        if input.dim() == 1:
+            return t.unsqueeze(0) if with_classes else t.reshape(1)
+        if input.dim() == 2:
+            return t if with_classes else t.reshape(-1)
+        if with_classes:
+            return t.movedim(1, -1).reshape(-1, n_classes)
+        return t.reshape(-1)
+
+    return rows(input, True), rows(target, prob_target), prob_target, batch_shape, n_classes
+
+
+def _check_target_range(target: Tensor, valid: Tensor, n_classes: int, ignore_index: int):
+    bad = valid & ((target < 0) | (target >= n_classes))
+    msg = (f"softmax_ce.cross_entropy: target holds a class outside [0, {n_classes}) "
+           f"that is not ignore_index={ignore_index}")
+    if target.is_cuda or torch.compiler.is_compiling():
+        # device-side: no host synchronisation; the kernels never read out of bounds
+        torch._assert_async(~bad.any(), msg)
+    elif bool(bad.any()):
+        first = int(target[bad][0])
+        raise IndexError(f"{msg} (found {first})")
+
+
+def _row_coefficients(target2, prob_target, weight32, n_rows, n_classes, ignore_index,
+                      reduction, label_smoothing, z_loss, dtype):
+    """alpha, beta, zeta (beta/zeta None when unused) and the term that makes mean of nothing nan."""
+    device = target2.device
+    eps = float(label_smoothing)
+    if prob_target:
+        rho = torch.ones(n_rows, dtype=dtype, device=device)
+        valid = rho
+        denom_main = denom_smooth = torch.tensor(float(n_rows), dtype=dtype, device=device)
+    else:
+        is_valid = target2 != ignore_index
+        _check_target_range(target2, is_valid, n_classes, ignore_index)
+        valid = is_valid.to(dtype)
+        if weight32 is not None:
+            safe = torch.where(is_valid, target2, 0).long()
+            rho = weight32.to(dtype).gather(0, safe) * valid
+        else:
+            rho = valid
+        denom_main = denom_smooth = rho.sum()
+
+    alpha = (1.0 - eps) * rho
+    beta = (eps / n_classes) * valid if eps > 0 else None
+    zeta = float(z_loss) * rho if z_loss != 0 else None
+    nan_if_empty = None
+    if reduction == "mean":
+        inv_main = torch.where(denom_main != 0, 1.0 / denom_main, 0.0)
+        alpha = alpha * inv_main
+        zeta = zeta * inv_main if zeta is not None else None
+        if beta is not None:
+            beta = beta * torch.where(denom_smooth != 0, 1.0 / denom_smooth, 0.0)
+        # torch: a mean over no weight at all is nan (0 / 0), e.g. every target ignored
+        nan_if_empty = torch.where(denom_main != 0, 0.0, float("nan"))
+    return alpha, beta, zeta, nan_if_empty
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                  softcap: Optional[float] = None, inplace_backward: bool = False,
+                  grad_mode: str = "recompute", return_lse: bool = False):
+    """Softmax cross-entropy, a drop-in for `torch.nn.functional.cross_entropy`.
+
+    Same arguments, shapes, dtypes, reductions and errors as torch, plus:
+
+    z_loss: adds ``z_loss * lse**2`` per token (PaLM's auxiliary loss), weighted and
+        reduced like the target term (ignored tokens add nothing).
+    softcap: logits become ``softcap * tanh(z / softcap)`` before the softmax (Gemma 2).
+    inplace_backward: write the gradient into the logits' storage, so a training step
+        needs no second logits-sized buffer.  The logits must not be used afterwards;
+        autograd raises if a backward would read them.
+    grad_mode: ``"recompute"`` (default) saves only the per-row lse and recomputes
+        softmax in the backward: 3 logits-sized passes of traffic per step whatever
+        grad_output is.  ``"fused"`` writes the gradient during the forward and only
+        rescales it in the backward: 2 passes when grad_output is exactly 1, 4
+        otherwise.  With ``"fused"`` and ``inplace_backward=True`` the logits are
+        overwritten already by the forward.
+    return_lse: also return the per-row log-sum-exp (fp32, the target's shape, of the
+        softcapped logits), from the same pass: ``loss, lse = cross_entropy(...,
+        return_lse=True)``.  It is differentiable with grad_mode="recompute".
+
+    Float64 inputs go through a PyTorch path that computes in float64 (for gradcheck);
+    everything else accumulates in fp32 and returns the input's dtype, as torch does.
+    """
+    _check_options(reduction, label_smoothing, z_loss, softcap, grad_mode)
+    logits2, target2, prob_target, batch_shape, n_classes = _flatten(input, target)
+    n_rows = logits2.shape[0]
+
+    weight32 = None
+    if weight is not None:
+        if (not isinstance(weight, Tensor) or weight.dim() != 1 or weight.numel() != n_classes
+                or not weight.is_floating_point()):
+            _fail(RuntimeError, f"weight must be a floating 1-D tensor with one entry per class "
+                                f"({n_classes}), got "
+                                f"{tuple(weight.shape) if isinstance(weight, Tensor) else weight}")
+        row_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        weight32 = weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
+
+    row_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    alpha, beta, zeta, nan_if_empty = _row_coefficients(
+        target2, prob_target, weight32, n_rows, n_classes, ignore_index, reduction,
+        label_smoothing, z_loss, row_dtype)
+    # The kernels read class weights only where a class other than the target matters.
+    kernel_weight = weight32 if (prob_target or beta is not None) else None
+    if softcap is not None:
+        softcap = float(softcap)
+
+    loss_rows, lse = CrossEntropyFunction.apply(
+        logits2, target2, kernel_weight, alpha, beta, zeta, prob_target, softcap,
+        grad_mode, bool(inplace_backward))
+
+    if reduction == "none":
+        loss = loss_rows.reshape(batch_shape)
+    else:
+        loss = loss_rows.sum()
+        if nan_if_empty is not None:
+            loss = loss + nan_if_empty
+    loss = loss.to(input.dtype)
+    if return_lse:
+        return loss, lse.reshape(batch_shape)
+    return loss
+
+
+__all__ = ["cross_entropy", "CrossEntropyFunction", "GRAD_MODES", "uses_triton"]
