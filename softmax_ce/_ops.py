@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _launch
+from . import _launch, _launch_linear
 
 
 def _row_outputs(logits: Tensor):
@@ -109,3 +109,38 @@ def _(logits, target, weight, lse, s_coef, alpha, beta, prob_target, softcap):
 @scale_.register_fake
 def _(grad, scale):
     return None
+
+
+# ----------------------------------------------------------------------------
+# Fused linear cross-entropy
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op("softmax_ce::lce_fwd", mutates_args=())
+def lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+            class_weight: Optional[Tensor], alpha: Tensor, beta: Optional[Tensor],
+            zeta: Optional[Tensor], softcap: Optional[float]) -> List[Tensor]:
+    """-> [loss_rows, lse, dlse], each (N,) fp32; the (N, V) logits are never stored."""
+    return list(_launch_linear.forward(x, w, b, target, class_weight, alpha, beta, zeta, softcap))
+
+
+@torch.library.custom_op("softmax_ce::lce_bwd", mutates_args=())
+def lce_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+            class_weight: Optional[Tensor], lse: Tensor, s_coef: Tensor, alpha: Tensor,
+            beta: Optional[Tensor], softcap: Optional[float], need_dx: bool, need_dw: bool,
+            need_db: bool) -> List[Tensor]:
+    """-> [dx (N, D), dw (V, D), db (V,)] in fp32, each empty when not needed."""
+    return list(_launch_linear.backward(x, w, b, target, class_weight, lse, s_coef, alpha, beta,
+                                        softcap, need_dx, need_dw, need_db))
+
+
+@lce_fwd.register_fake
+def _(x, w, b, target, class_weight, alpha, beta, zeta, softcap):
+    return _row_outputs(x)
+
+
+@lce_bwd.register_fake
+def _(x, w, b, target, class_weight, lse, s_coef, alpha, beta, softcap, need_dx, need_dw, need_db):
+    n, d = x.shape
+    v = w.shape[0]
+    return [lse.new_empty((n, d) if need_dx else (0,)), lse.new_empty((v, d) if need_dw else (0,)),
+            lse.new_empty((v,) if need_db else (0,))]

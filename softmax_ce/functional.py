@@ -98,22 +98,24 @@ def _probability_target_grad(ctx, grad_loss):
     return g * weight if weight is not None else g
 
 
-def _fail(exc, msg):
-    raise exc(f"softmax_ce.cross_entropy: {msg}")
+def _fail(exc, msg, api="cross_entropy"):
+    raise exc(f"softmax_ce.{api}: {msg}")
 
 
-def _check_options(reduction, label_smoothing, z_loss, softcap, grad_mode):
+def _check_options(reduction, label_smoothing, z_loss, softcap, grad_mode="recompute",
+                   api="cross_entropy"):
     if reduction not in _REDUCTIONS:
         _fail(ValueError, f"reduction={reduction!r} is not a valid value for reduction; "
-                          f"expected one of {_REDUCTIONS}")
+                          f"expected one of {_REDUCTIONS}", api)
     if not 0.0 <= float(label_smoothing) <= 1.0:
-        _fail(RuntimeError, f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+        _fail(RuntimeError, f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}",
+              api)
     if not float(z_loss) >= 0.0:
-        _fail(ValueError, f"z_loss must be a non-negative float, got {z_loss}")
+        _fail(ValueError, f"z_loss must be a non-negative float, got {z_loss}", api)
     if softcap is not None and not float(softcap) > 0.0:
-        _fail(ValueError, f"softcap must be None or a positive float, got {softcap}")
+        _fail(ValueError, f"softcap must be None or a positive float, got {softcap}", api)
     if grad_mode not in GRAD_MODES:
-        _fail(ValueError, f"grad_mode={grad_mode!r} is not one of {GRAD_MODES}")
+        _fail(ValueError, f"grad_mode={grad_mode!r} is not one of {GRAD_MODES}", api)
 
 
 def _flatten(input: Tensor, target: Tensor):
@@ -161,9 +163,10 @@ def _flatten(input: Tensor, target: Tensor):
     return rows(input, True), rows(target, prob_target), prob_target, batch_shape, n_classes
 
 
-def _check_target_range(target: Tensor, valid: Tensor, n_classes: int, ignore_index: int):
+def _check_target_range(target: Tensor, valid: Tensor, n_classes: int, ignore_index: int,
+                        api="cross_entropy"):
     bad = valid & ((target < 0) | (target >= n_classes))
-    msg = (f"softmax_ce.cross_entropy: target holds a class outside [0, {n_classes}) "
+    msg = (f"softmax_ce.{api}: target holds a class outside [0, {n_classes}) "
            f"that is not ignore_index={ignore_index}")
     if target.is_cuda or torch.compiler.is_compiling():
         # device-side: no host synchronisation; the kernels never read out of bounds
@@ -174,17 +177,18 @@ def _check_target_range(target: Tensor, valid: Tensor, n_classes: int, ignore_in
 
 
 def _row_coefficients(target2, prob_target, weight32, n_rows, n_classes, ignore_index,
-                      reduction, label_smoothing, z_loss, dtype):
+                      reduction, label_smoothing, z_loss, dtype, api="cross_entropy"):
     """alpha, beta, zeta (beta/zeta None when unused) and the term that makes mean of nothing nan."""
     device = target2.device
     eps = float(label_smoothing)
     if prob_target:
         rho = torch.ones(n_rows, dtype=dtype, device=device)
         valid = rho
-        denom_main = denom_smooth = torch.tensor(float(n_rows), dtype=dtype, device=device)
+        # a fill, not torch.tensor(): no host-to-device copy, so CUDA graphs can capture it
+        denom_main = denom_smooth = torch.full((), float(n_rows), dtype=dtype, device=device)
     else:
         is_valid = target2 != ignore_index
-        _check_target_range(target2, is_valid, n_classes, ignore_index)
+        _check_target_range(target2, is_valid, n_classes, ignore_index, api)
         valid = is_valid.to(dtype)
         if weight32 is not None:
             safe = torch.where(is_valid, target2, 0).long()

@@ -1,0 +1,260 @@
+"""Fused linear cross-entropy: the LM head matmul and the loss in one kernel, logits never written.
+
+With hidden states x (N, D), head weight W (V, D) and bias b (V), each program
+computes one (BLOCK_N, BLOCK_V) tile of z = x W^T + b in registers (a matmul over
+D in steps of BLOCK_D) and consumes it on chip:
+
+forward (lce_fwd_kernel), per tile, after the optional softcap z' = c*tanh(z/c):
+    tile max m_t and sum-exp d_t per row, folded into the row's running (m, d)
+        under a per-row-block lock:  d <- d e^(m - m') + d_t e^(m_t - m')
+    z'_target, written by the one tile that holds the row's target
+    sum_c w_c z'_c (label smoothing), accumulated atomically
+  -> lse = m + log d; the host turns (lse, z'_t, sum w z') into the loss with the
+     same per-row coefficients as the plain cross-entropy (see cross_entropy.py).
+
+backward (lce_bwd_kernel): the tile is recomputed, and with s = exp(z' - lse)
+    G   = (s_coef * s - alpha * onehot(t) - beta * w) * softcap'(z)     (BLOCK_N, BLOCK_V)
+    dx += G  @ W_tile        atomically into an fp32 (N, D) buffer
+    dW += G^T @ x_tile       atomically into an fp32 (V, D) buffer
+    db += sum_rows G         atomically into an fp32 (V,) buffer
+G is rounded to the input dtype for the two tensor-core matmuls (as the unfused
+bf16 path rounds the logits' gradient); every accumulation is fp32.
+
+Memory beyond the inputs: O(N) row statistics and locks, plus the fp32 gradient
+buffers, which have the shapes of x, W and b.  No N x V tensor exists.
+
+FLOPs: the forward is one matmul (2 N V D), the backward recomputes it and does two
+more (6 N V D in all); the three-matmul floor of an unfused step is 6 N V D.
+"""
+
+import triton
+import triton.language as tl
+
+from ._online import tanh_f32
+
+
+def lce_configs():
+    """Tile shapes for both LCE kernels (bf16 tensor-core matmul tiles)."""
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 8},
+                      num_warps=nw, num_stages=ns)
+        for bn, bv, bd, nw, ns in [
+            (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+            (64, 256, 64, 8, 4),
+            (128, 128, 32, 4, 4),
+            (64, 128, 64, 4, 4),
+            (256, 128, 64, 8, 3),
+        ]
+    ]
+
+
+def lce_interpreter_config(n_rows: int, n_vocab: int, dim: int):
+    # Big tiles: the interpreter pays per program and per op, not per element.
+    return dict(
+        BLOCK_N=max(16, min(128, triton.next_power_of_2(n_rows))),
+        BLOCK_V=max(16, min(1024, triton.next_power_of_2(n_vocab))),
+        BLOCK_D=max(16, min(256, triton.next_power_of_2(dim))),
+        GROUP_N=8,
+    )
+
+
+@triton.jit
+def _tile_ids(n_rows, n_vocab, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """Grouped launch order: GROUP_N row blocks sweep the vocabulary together, so a
+    tile of W stays in L2 while those row blocks use it."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(n_rows, BLOCK_N)
+    num_pid_v = tl.cdiv(n_vocab, BLOCK_V)
+    per_group = GROUP_N * num_pid_v
+    group = pid // per_group
+    first_n = group * GROUP_N
+    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+    return pid_n, pid_v
+
+
+@triton.jit
+def _logits_tile(
+    x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
+    stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """z' for one tile in fp32 (padding columns -inf), and tanh(z/c) for the chain rule."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_D)
+    for k0 in range(0, dim, BLOCK_D):
+        k = k0 + ks
+        k_mask = k < dim
+        x = tl.load(x_ptr + rows[:, None] * stride_x_row + k[None, :] * stride_x_col,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + vcols[:, None] * stride_w_row + k[None, :] * stride_w_col,
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + vcols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    th = acc  # placeholder of the right type when there is no softcap
+    if HAS_SOFTCAP:
+        th = tanh_f32(acc / softcap)
+        acc = softcap * th
+    z = tl.where(col_mask[None, :], acc, float("-inf"))
+    return z, th
+
+
+@triton.jit
+def lce_fwd_kernel(
+    # pointers
+    x_ptr,            # (N, D) hidden states
+    w_ptr,            # (V, D) head weight
+    bias_ptr,         # (V,) head bias                          [HAS_BIAS]
+    target_ptr,       # (N,) class indices
+    cw_ptr,           # (V,) fp32 class weights                [HAS_CLASS_WEIGHT]
+    m_ptr,            # (N,) fp32 in/out: running max, -inf on entry
+    d_ptr,            # (N,) fp32 in/out: running sum-exp, 0 on entry
+    zt_ptr,           # (N,) fp32 out: z'_target
+    swz_ptr,          # (N,) fp32 in/out: sum w z', 0 on entry  [HAS_SMOOTHING]
+    lock_ptr,         # (cdiv(N, BLOCK_N),) int32 zeros: one lock per row block
+    # sizes
+    n_rows, n_vocab, dim,
+    # strides (elements)
+    stride_x_row, stride_x_col, stride_w_row, stride_w_col, stride_target,
+    # runtime scalars
+    softcap,
+    # compile-time constants
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 inputs (torch's default), "tf32" otherwise
+):
+    pid_n, pid_v = _tile_ids(n_rows, n_vocab, BLOCK_N, BLOCK_V, GROUP_N)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    vcols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < n_rows
+    col_mask = vcols < n_vocab
+
+    z, th = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
+                         stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
+                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+
+    # the target logit: exactly one tile of the row's sweep holds it
+    target = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=-1).to(tl.int64)
+    hit = (vcols[None, :] == target[:, None]) & col_mask[None, :]
+    z_t = tl.sum(tl.where(hit, z, 0.0), axis=1)
+    mine = row_mask & (target >= pid_v * BLOCK_V) & (target < pid_v * BLOCK_V + BLOCK_V)
+    tl.store(zt_ptr + rows, z_t, mask=mine)
+
+    if HAS_SMOOTHING:
+        zc = tl.where(col_mask[None, :], z, 0.0)
+        if HAS_CLASS_WEIGHT:
+            cw = tl.load(cw_ptr + vcols, mask=col_mask, other=0.0)
+            zc = zc * cw[None, :]
+        tl.atomic_add(swz_ptr + rows, tl.sum(zc, axis=1), mask=row_mask)
+
+    # this tile's softmax statistics per row
+    m_t = tl.max(z, axis=1)
+    shift_t = tl.where(m_t == float("-inf"), 0.0, m_t)
+    d_t = tl.sum(tl.exp(z - shift_t[:, None]), axis=1)
+
+    # fold them into the row's running (m, d); the lock serialises the tiles of a
+    # row block (the pattern of Triton's layer-norm backward tutorial)
+    lock = lock_ptr + pid_n
+    while tl.atomic_cas(lock, 0, 1) == 1:
+        pass
+    m = tl.load(m_ptr + rows, mask=row_mask, other=float("-inf"))
+    d = tl.load(d_ptr + rows, mask=row_mask, other=0.0)
+    m_new = tl.maximum(m, m_t)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = d * tl.exp(m - shift) + d_t * tl.exp(m_t - shift)
+    tl.store(m_ptr + rows, m_new, mask=row_mask)
+    tl.store(d_ptr + rows, d, mask=row_mask)
+    tl.debug_barrier()
+    tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
+def lce_bwd_kernel(
+    # pointers
+    x_ptr,            # (N, D) hidden states
+    w_ptr,            # (V, D) head weight
+    bias_ptr,         # (V,) head bias                          [HAS_BIAS]
+    target_ptr,       # (N,) class indices
+    cw_ptr,           # (V,) fp32 class weights                [HAS_CLASS_WEIGHT]
+    lse_ptr,          # (N,) fp32 from the forward
+    s_coef_ptr,       # (N,) fp32 grad_out * dloss/dlse
+    alpha_ptr,        # (N,) fp32 grad_out * alpha
+    beta_ptr,         # (N,) fp32 grad_out * beta               [HAS_SMOOTHING]
+    dx_ptr,           # (N, D) fp32 accumulator, zeros on entry [COMPUTE_DX]
+    dw_ptr,           # (V, D) fp32 accumulator, zeros on entry [COMPUTE_DW]
+    db_ptr,           # (V,) fp32 accumulator, zeros on entry   [COMPUTE_DB]
+    # sizes
+    n_rows, n_vocab, dim,
+    # strides (elements); the accumulators are contiguous
+    stride_x_row, stride_x_col, stride_w_row, stride_w_col, stride_target,
+    # runtime scalars
+    softcap,
+    # compile-time constants
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n, pid_v = _tile_ids(n_rows, n_vocab, BLOCK_N, BLOCK_V, GROUP_N)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    vcols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < n_rows
+    col_mask = vcols < n_vocab
+
+    z, th = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
+                         stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
+                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    s_coef = tl.load(s_coef_ptr + rows, mask=row_mask, other=0.0)
+    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
+    target = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=-1).to(tl.int64)
+
+    g = s_coef[:, None] * tl.exp(z - lse[:, None])
+    g -= tl.where(vcols[None, :] == target[:, None], alpha[:, None], 0.0)
+    if HAS_SMOOTHING:
+        beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
+        if HAS_CLASS_WEIGHT:
+            cw = tl.load(cw_ptr + vcols, mask=col_mask, other=0.0)
+            g -= beta[:, None] * cw[None, :]
+        else:
+            g -= beta[:, None]
+    if HAS_SOFTCAP:
+        g = g * (1.0 - th * th)
+    g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + vcols, tl.sum(g, axis=0), mask=col_mask)
+
+    g_lo = g.to(x_ptr.dtype.element_ty)
+    ks = tl.arange(0, BLOCK_D)
+    for k0 in range(0, dim, BLOCK_D):
+        k = k0 + ks
+        k_mask = k < dim
+        if COMPUTE_DX:
+            w = tl.load(w_ptr + vcols[:, None] * stride_w_row + k[None, :] * stride_w_col,
+                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            tl.atomic_add(dx_ptr + rows[:, None] * dim + k[None, :], tl.dot(g_lo, w, input_precision=DOT_PRECISION),
+                          mask=row_mask[:, None] & k_mask[None, :])
+        if COMPUTE_DW:
+            x = tl.load(x_ptr + rows[:, None] * stride_x_row + k[None, :] * stride_x_col,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            tl.atomic_add(dw_ptr + vcols[:, None] * dim + k[None, :], tl.dot(tl.trans(g_lo), x, input_precision=DOT_PRECISION),
+                          mask=col_mask[:, None] & k_mask[None, :])
+
+
+_KEY = ["n_vocab", "dim", "HAS_BIAS", "HAS_CLASS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"]
+
+# The forward accumulates into its outputs (running m, d, sum w z', locks), so
+# tuning trials must start from the same state each time.
+lce_fwd_tuned = triton.autotune(configs=lce_configs(), key=_KEY,
+                                restore_value=["m_ptr", "d_ptr", "swz_ptr", "lock_ptr"])(lce_fwd_kernel)
+lce_bwd_tuned = triton.autotune(configs=lce_configs(),
+                                key=_KEY + ["COMPUTE_DX", "COMPUTE_DW", "COMPUTE_DB"],
+                                reset_to_zero=["dx_ptr", "dw_ptr", "db_ptr"])(lce_bwd_kernel)
