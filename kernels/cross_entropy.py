@@ -93,6 +93,7 @@ def ce_fwd_kernel(
     lse_ptr,           # (n_rows,) fp32 out: log-sum-exp of z'
     dlse_ptr,          # (n_rows,) fp32 out: d loss_row / d lse
     grad_ptr,          # (n_rows, n_cols) out: d loss / d z    [WRITE_GRAD]; may alias logits
+    stats_ptr,         # (n_rows, 3) fp32 out: target term, smoothing term, sum w*y  [WRITE_STATS]
     # sizes
     n_cols,
     # strides (in elements)
@@ -109,6 +110,7 @@ def ce_fwd_kernel(
     HAS_ZLOSS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
@@ -171,24 +173,29 @@ def ce_fwd_kernel(
     log_d = tl.log(d)
     lse = shift + log_d
 
-    # ---- the row's loss and d loss / d lse ---------------------------------
+    # ---- the row's loss terms, loss and d loss / d lse ----------------------
+    # target term: lse - z'_t, or sum w y (lse - z') for probabilities
     if PROB_TARGET:
-        loss = alpha * ((lse - ref) * s_wy - s_wyz)
+        target_term = (lse - ref) * s_wy - s_wyz
         dlse = alpha * s_wy
     else:
         in_range = (target >= 0) & (target < n_cols)
         z_t = load_logits(logits_row, tl.where(in_range, target, 0), in_range,
                           stride_logits_col, softcap, HAS_SOFTCAP)
-        z_t = tl.where(in_range, z_t, shift)  # an ignored row: keep the math finite
+        z_t = tl.where(in_range, z_t, shift)  # a target elsewhere: keep the math finite
         # (m - z_t) + log d rather than lse - z_t: exact when z_t is the max,
         # which keeps a confident model's small loss accurate
-        loss = tl.where(alpha != 0.0, alpha * ((shift - z_t) + log_d), 0.0)
+        target_term = (shift - z_t) + log_d
         dlse = alpha
+    loss = tl.where(alpha != 0.0, alpha * target_term, 0.0)
+    # smoothing term: sum w (lse - z')
+    smooth_term = 0.0
     if HAS_SMOOTHING:
         W = n_cols * 1.0
         if HAS_WEIGHT:
             W = s_w
-        loss += tl.where(beta != 0.0, beta * (W * (lse - ref) - s_wz), 0.0)
+        smooth_term = W * (lse - ref) - s_wz
+        loss += tl.where(beta != 0.0, beta * smooth_term, 0.0)
         dlse += beta * W
     if HAS_ZLOSS:
         loss += tl.where(zeta != 0.0, zeta * lse * lse, 0.0)
@@ -196,6 +203,12 @@ def ce_fwd_kernel(
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
     tl.store(dlse_ptr + row, dlse)
+    if WRITE_STATS:
+        # the terms before coefficients, for a vocabulary-parallel caller that
+        # combines the slices' rows itself (softmax_ce.distributed)
+        tl.store(stats_ptr + row * 3, target_term)
+        tl.store(stats_ptr + row * 3 + 1, smooth_term)
+        tl.store(stats_ptr + row * 3 + 2, s_wy)
 
     # ---- pass 2 (fused strategy): the gradient for grad_output = 1 ---------
     if WRITE_GRAD:
@@ -303,7 +316,8 @@ def ce_scale_kernel(
 # gradient back in as logits.
 # ----------------------------------------------------------------------------
 
-_FWD_KEY = ["n_cols", "PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_ZLOSS", "HAS_SOFTCAP", "WRITE_GRAD"]
+_FWD_KEY = ["n_cols", "PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_ZLOSS", "HAS_SOFTCAP",
+            "WRITE_GRAD", "WRITE_STATS"]
 _BWD_KEY = ["n_cols", "PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"]
 
 ce_fwd_tuned = triton.autotune(configs=fwd_configs(), key=_FWD_KEY)(ce_fwd_kernel)

@@ -42,7 +42,8 @@ def _target_strides(target: Tensor, prob_target: bool):
 # Triton
 # ----------------------------------------------------------------------------
 
-def _fwd_triton(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap):
+def _fwd_triton(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap,
+                stats=None):
     n_rows, n_cols = logits.shape
     flags = dict(
         PROB_TARGET=prob_target,
@@ -51,6 +52,7 @@ def _fwd_triton(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad
         HAS_ZLOSS=zeta is not None,
         HAS_SOFTCAP=softcap is not None,
         WRITE_GRAD=grad is not None,
+        WRITE_STATS=stats is not None,
     )
     args = (
         logits, target,
@@ -60,6 +62,7 @@ def _fwd_triton(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad
         zeta if zeta is not None else alpha,
         loss, lse, dlse,
         grad if grad is not None else logits,
+        stats if stats is not None else alpha,
         n_cols,
         logits.stride(0), logits.stride(1),
         *_target_strides(target, prob_target),
@@ -151,7 +154,8 @@ def _grad_chunk(z, th, target, weight, lse, s_coef, alpha, beta, prob_target):
     return g.masked_fill_(~active[:, None], 0.0)
 
 
-def _fwd_torch(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap):
+def _fwd_torch(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap,
+               stats=None):
     n_rows, n_cols = logits.shape
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     w = weight.to(cdt) if weight is not None else None
@@ -163,18 +167,23 @@ def _fwd_torch(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad,
         log_d = torch.exp(z - shift[:, None]).sum(dim=1).log()
         lse_c = shift + log_d
         t = target[rows]
+        s_wy = torch.zeros_like(lse_c)
         if prob_target:
             y = t.to(cdt)
             wy = y * w if w is not None else y
             logp = z - lse_c[:, None]
             # y = 0 on a masked (-inf) logit contributes 0, not 0 * -inf
-            loss_c = a * -torch.where(wy != 0, wy * logp, 0.0).sum(dim=1)
-            dlse_c = a * wy.sum(dim=1)
+            target_term = -torch.where(wy != 0, wy * logp, 0.0).sum(dim=1)
+            s_wy = wy.sum(dim=1)
+            dlse_c = a * s_wy
         else:
             in_range = (t >= 0) & (t < n_cols)
             z_t = z.gather(1, torch.where(in_range, t, 0).long()[:, None])[:, 0]
-            loss_c = torch.where(a != 0, a * ((shift - z_t) + log_d), 0.0)
+            z_t = torch.where(in_range, z_t, shift)
+            target_term = (shift - z_t) + log_d
             dlse_c = a.clone()
+        loss_c = torch.where(a != 0, a * target_term, 0.0)
+        smooth = torch.zeros_like(lse_c)
         if beta is not None:
             b = beta[rows].to(cdt)
             logp = z - lse_c[:, None]
@@ -189,6 +198,8 @@ def _fwd_torch(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad,
         loss[rows] = loss_c
         lse[rows] = lse_c
         dlse[rows] = dlse_c
+        if stats is not None:
+            stats[rows] = torch.stack([target_term, smooth, s_wy], dim=1)
         if grad is not None:
             g = _grad_chunk(z, th, t, w, lse_c, dlse_c, a,
                             beta[rows].to(cdt) if beta is not None else None, prob_target)
@@ -214,15 +225,19 @@ def _bwd_torch(logits, target, weight, lse, s_coef, alpha, beta, grad, prob_targ
 def forward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
                  beta: Optional[Tensor], zeta: Optional[Tensor],
                  loss: Tensor, lse: Tensor, dlse: Tensor, grad: Optional[Tensor],
-                 prob_target: bool, softcap: Optional[float]) -> None:
-    """Per-row loss, lse and d loss/d lse; with `grad`, also the gradient for grad_output = 1.
+                 prob_target: bool, softcap: Optional[float],
+                 stats: Optional[Tensor] = None) -> None:
+    """Per-row loss, lse and d loss/d lse; with `grad`, also the gradient for grad_output = 1;
+    with `stats` (n_rows, 3), the uncoefficiented terms: lse - z'_t (or sum w y (lse - z')),
+    sum w (lse - z'), sum w y.
 
     logits (n_rows, n_cols); target (n_rows,) int or (n_rows, n_cols) float; grad may be logits.
     """
     if logits.shape[0] == 0:
         return
     impl = _fwd_triton if uses_triton(logits) else _fwd_torch
-    impl(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap)
+    impl(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap,
+         stats)
 
 
 def backward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,

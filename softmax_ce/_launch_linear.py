@@ -30,13 +30,16 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _row_loss(lse, nll, swz, alpha, beta, zeta, n_vocab, class_weight):
-    """Per-row loss and d loss/d lse from the kernel's statistics (O(N) PyTorch ops)."""
-    loss = torch.where(alpha != 0, alpha * nll, 0.0)
-    dlse = alpha.clone()
+def compose_rows(lse, target_term, smooth_term, alpha, beta, zeta, W, s_wy=None):
+    """Per-row loss and d loss/d lse from the per-row terms (O(N) PyTorch ops).
+
+    target_term = lse - z'_t (probability targets: sum_c w y (lse - z'_c), with
+    s_wy = sum_c w y), smooth_term = sum_c w_c (lse - z'_c), W = sum_c w_c.
+    """
+    loss = torch.where(alpha != 0, alpha * target_term, 0.0)
+    dlse = alpha * s_wy if s_wy is not None else alpha.clone()
     if beta is not None:
-        W = class_weight.sum() if class_weight is not None else float(n_vocab)
-        loss = loss + torch.where(beta != 0, beta * (W * lse - swz), 0.0)
+        loss = loss + torch.where(beta != 0, beta * smooth_term, 0.0)
         dlse = dlse + beta * W
     if zeta is not None:
         loss = loss + torch.where(zeta != 0, zeta * lse * lse, 0.0)
@@ -44,7 +47,7 @@ def _row_loss(lse, nll, swz, alpha, beta, zeta, n_vocab, class_weight):
     return loss, dlse
 
 
-def _fwd_triton(x, w, b, target, class_weight, alpha, beta, zeta, softcap):
+def _stats_triton(x, w, b, target, class_weight, need_smooth, softcap):
     n_rows, dim = x.shape
     n_vocab = w.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -59,7 +62,7 @@ def _fwd_triton(x, w, b, target, class_weight, alpha, beta, zeta, softcap):
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), target.stride(0),
             float(softcap) if softcap is not None else 1.0)
     flags = dict(HAS_BIAS=b is not None, HAS_CLASS_WEIGHT=class_weight is not None,
-                 HAS_SMOOTHING=beta is not None, HAS_SOFTCAP=softcap is not None,
+                 HAS_SMOOTHING=need_smooth, HAS_SOFTCAP=softcap is not None,
                  DOT_PRECISION=_dot_precision(x))
     if interpreting():
         cfg = K.lce_interpreter_config(n_rows, n_vocab, dim)
@@ -69,9 +72,10 @@ def _fwd_triton(x, w, b, target, class_weight, alpha, beta, zeta, softcap):
     shift = torch.where(m == float("-inf"), 0.0, m)
     log_d = d.log()
     lse = shift + log_d
-    nll = (shift - z_t) + log_d  # exact for a confident row whose target is the max
-    loss, dlse = _row_loss(lse, nll, swz, alpha, beta, zeta, n_vocab, class_weight)
-    return loss, lse, dlse
+    target_term = (shift - z_t) + log_d  # exact for a confident row whose target is the max
+    W = class_weight.sum() if class_weight is not None else float(n_vocab)
+    smooth_term = W * lse - swz if need_smooth else None
+    return lse, target_term, smooth_term
 
 
 def _bwd_triton(x, w, b, target, class_weight, lse, s_coef, alpha, beta, softcap,
@@ -111,17 +115,19 @@ def _logits_chunk(x_rows, w, b, cdt):
     return z
 
 
-def _fwd_torch(x, w, b, target, class_weight, alpha, beta, zeta, softcap):
-    n_rows = x.shape[0]
+def _stats_torch(x, w, b, target, class_weight, need_smooth, softcap):
+    n_rows, n_vocab = x.shape[0], w.shape[0]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    loss, lse, dlse = (torch.empty(n_rows, dtype=cdt, device=x.device) for _ in range(3))
-    for rows in _launch._chunks(n_rows, w.shape[0]):
+    lse, junk_loss, junk_dlse = (torch.empty(n_rows, dtype=cdt, device=x.device) for _ in range(3))
+    stats = torch.empty(n_rows, 3, dtype=cdt, device=x.device)
+    ones = torch.ones(n_rows, dtype=cdt, device=x.device)
+    for rows in _launch._chunks(n_rows, n_vocab):
         z = _logits_chunk(x[rows], w, b, cdt)
-        _launch._fwd_torch(z, target[rows], class_weight, alpha[rows],
-                           beta[rows] if beta is not None else None,
-                           zeta[rows] if zeta is not None else None,
-                           loss[rows], lse[rows], dlse[rows], None, False, softcap)
-    return loss, lse, dlse
+        _launch._fwd_torch(z, target[rows], class_weight, ones[rows],
+                           ones[rows] if need_smooth else None, None,
+                           junk_loss[rows], lse[rows], junk_dlse[rows], None, False, softcap,
+                           stats[rows])
+    return lse, stats[:, 0], stats[:, 1] if need_smooth else None
 
 
 def _bwd_torch(x, w, b, target, class_weight, lse, s_coef, alpha, beta, softcap,
@@ -147,15 +153,28 @@ def _bwd_torch(x, w, b, target, class_weight, lse, s_coef, alpha, beta, softcap,
     return dx, dw, db
 
 
+def stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+          class_weight: Optional[Tensor], need_smooth: bool, softcap: Optional[float]):
+    """Per-row (lse, lse - z'_t, sum_c w_c (lse - z'_c) or None) of z' = softcap(x w^T + b).
+
+    A row whose target is not in [0, V) gets a meaningless target term; callers mask it.
+    """
+    if x.shape[0] == 0:
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        empty = x.new_empty(0, dtype=cdt)
+        return empty, empty, empty if need_smooth else None
+    impl = _stats_triton if uses_triton(x) else _stats_torch
+    return impl(x, w, b, target, class_weight, need_smooth, softcap)
+
+
 def forward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
             class_weight: Optional[Tensor], alpha: Tensor, beta: Optional[Tensor],
             zeta: Optional[Tensor], softcap: Optional[float]):
     """-> (loss_rows, lse, dlse), each (N,) fp32 (float64 on the float64 path)."""
-    if x.shape[0] == 0:
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return tuple(x.new_empty(0, dtype=cdt) for _ in range(3))
-    impl = _fwd_triton if uses_triton(x) else _fwd_torch
-    return impl(x, w, b, target, class_weight, alpha, beta, zeta, softcap)
+    lse, target_term, smooth_term = stats(x, w, b, target, class_weight, beta is not None, softcap)
+    W = class_weight.sum() if class_weight is not None else float(w.shape[0])
+    loss, dlse = compose_rows(lse, target_term, smooth_term, alpha, beta, zeta, W)
+    return loss, lse, dlse
 
 
 def backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,

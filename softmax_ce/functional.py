@@ -176,47 +176,52 @@ def _check_target_range(target: Tensor, valid: Tensor, n_classes: int, ignore_in
         raise IndexError(f"{msg} (found {first})")
 
 
-def _row_coefficients(target2, prob_target, weight32, n_rows, n_classes, ignore_index,
-                      reduction, label_smoothing, z_loss, dtype, api="cross_entropy"):
-    """alpha, beta, zeta (beta/zeta None when unused) and the term that makes mean of nothing nan."""
-    device = target2.device
-    eps = float(label_smoothing)
+def _row_weights(target2, prob_target, weight32, n_rows, n_classes, ignore_index, dtype,
+                 api="cross_entropy"):
+    """rho (the target's class weight, 0 where ignored) and valid (0/1), per row."""
     if prob_target:
-        rho = torch.ones(n_rows, dtype=dtype, device=device)
-        valid = rho
-        # a fill, not torch.tensor(): no host-to-device copy, so CUDA graphs can capture it
-        denom_main = denom_smooth = torch.full((), float(n_rows), dtype=dtype, device=device)
-    else:
-        is_valid = target2 != ignore_index
-        _check_target_range(target2, is_valid, n_classes, ignore_index, api)
-        valid = is_valid.to(dtype)
-        if weight32 is not None:
-            safe = torch.where(is_valid, target2, 0).long()
-            rho = weight32.to(dtype).gather(0, safe) * valid
-        else:
-            rho = valid
-        denom_main = denom_smooth = rho.sum()
+        ones = torch.ones(n_rows, dtype=dtype, device=target2.device)
+        return ones, ones
+    is_valid = target2 != ignore_index
+    _check_target_range(target2, is_valid, n_classes, ignore_index, api)
+    valid = is_valid.to(dtype)
+    if weight32 is None:
+        return valid, valid
+    safe = torch.where(is_valid, target2, 0).long()
+    return weight32.to(dtype).gather(0, safe) * valid, valid
 
+
+def _coefficients(rho, valid, n_classes, reduction, label_smoothing, z_loss):
+    """alpha, beta, zeta (beta/zeta None when unused) and the term that makes mean of nothing nan."""
+    eps = float(label_smoothing)
     alpha = (1.0 - eps) * rho
     beta = (eps / n_classes) * valid if eps > 0 else None
     zeta = float(z_loss) * rho if z_loss != 0 else None
     nan_if_empty = None
     if reduction == "mean":
-        inv_main = torch.where(denom_main != 0, 1.0 / denom_main, 0.0)
-        alpha = alpha * inv_main
-        zeta = zeta * inv_main if zeta is not None else None
-        if beta is not None:
-            beta = beta * torch.where(denom_smooth != 0, 1.0 / denom_smooth, 0.0)
+        denom = rho.sum()
+        inv = torch.where(denom != 0, 1.0 / denom, 0.0)
+        alpha = alpha * inv
+        beta = beta * inv if beta is not None else None
+        zeta = zeta * inv if zeta is not None else None
         # torch: a mean over no weight at all is nan (0 / 0), e.g. every target ignored
-        nan_if_empty = torch.where(denom_main != 0, 0.0, float("nan"))
+        nan_if_empty = torch.where(denom != 0, 0.0, float("nan"))
     return alpha, beta, zeta, nan_if_empty
+
+
+def _row_coefficients(target2, prob_target, weight32, n_rows, n_classes, ignore_index,
+                      reduction, label_smoothing, z_loss, dtype, api="cross_entropy"):
+    rho, valid = _row_weights(target2, prob_target, weight32, n_rows, n_classes, ignore_index,
+                              dtype, api)
+    return _coefficients(rho, valid, n_classes, reduction, label_smoothing, z_loss)
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                   softcap: Optional[float] = None, inplace_backward: bool = False,
-                  grad_mode: str = "recompute", return_lse: bool = False):
+                  grad_mode: str = "recompute", return_lse: bool = False,
+                  process_group=None):
     """Softmax cross-entropy, a drop-in for `torch.nn.functional.cross_entropy`.
 
     Same arguments, shapes, dtypes, reductions and errors as torch, plus:
@@ -237,10 +242,24 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         softcapped logits), from the same pass: ``loss, lse = cross_entropy(...,
         return_lse=True)``.  It is differentiable with grad_mode="recompute".
 
+    process_group: vocabulary parallelism.  With a `torch.distributed` group, the class
+        dimension of `input` (and of probability targets) is this rank's contiguous slice
+        of the vocabulary, slices in rank order; class-index targets are global indices;
+        `weight` may be the full (V,) vector or this rank's slice.  The loss (and lse) is
+        the unsharded one on every rank and the gradient is this rank's slice of the
+        unsharded gradient; one all-gather of per-row statistics per forward, none in the
+        backward (see softmax_ce.distributed).  A DTensor `input` sharded on the class
+        dimension over a 1-D mesh (a ColwiseParallel LM head's output) brings its own
+        group.  grad_mode must be "recompute" there.
+
     Float64 inputs go through a PyTorch path that computes in float64 (for gradcheck);
     everything else accumulates in fp32 and returns the input's dtype, as torch does.
     """
     _check_options(reduction, label_smoothing, z_loss, softcap, grad_mode)
+    input, target, process_group = _unwrap_dtensor(input, target, process_group)
+    if process_group is not None:
+        return _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                        softcap, inplace_backward, grad_mode, return_lse, process_group)
     logits2, target2, prob_target, batch_shape, n_classes = _flatten(input, target)
     n_rows = logits2.shape[0]
 
@@ -266,17 +285,71 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     loss_rows, lse = CrossEntropyFunction.apply(
         logits2, target2, kernel_weight, alpha, beta, zeta, prob_target, softcap,
         grad_mode, bool(inplace_backward))
+    return _reduce(loss_rows, lse, reduction, nan_if_empty, batch_shape, input.dtype, return_lse)
 
+
+def _reduce(loss_rows, lse, reduction, nan_if_empty, batch_shape, dtype, return_lse):
     if reduction == "none":
         loss = loss_rows.reshape(batch_shape)
     else:
         loss = loss_rows.sum()
         if nan_if_empty is not None:
             loss = loss + nan_if_empty
-    loss = loss.to(input.dtype)
+    loss = loss.to(dtype)
     if return_lse:
         return loss, lse.reshape(batch_shape)
     return loss
+
+
+def _unwrap_dtensor(input, target, process_group):
+    """A DTensor sharded on the class dimension -> (local tensor, its group)."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch without distributed
+        return input, target, process_group
+    if isinstance(target, DTensor):
+        target = target.full_tensor()
+    if not isinstance(input, DTensor):
+        return input, target, process_group
+    class_dim = 0 if input.dim() == 1 else 1
+    mesh = input.device_mesh
+    placements = input.placements
+    if (mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard)
+            or placements[0].dim % input.dim() != class_dim):
+        _fail(ValueError, f"a DTensor input must be sharded on the class dimension {class_dim} "
+                          f"over a 1-D device mesh, got {placements} on {mesh}")
+    if process_group is not None and process_group is not mesh.get_group():
+        _fail(ValueError, "process_group differs from the DTensor input's mesh group")
+    return input.to_local(), target, mesh.get_group()
+
+
+def _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+             inplace_backward, grad_mode, return_lse, group):
+    from . import distributed
+
+    if grad_mode != "recompute":
+        _fail(ValueError, f"grad_mode={grad_mode!r} is not available with process_group: the "
+                          f"gradient needs the global lse, known only after the forward")
+    logits2, target2, prob_target, batch_shape, n_local = _flatten(input, target)
+    offset, n_global = distributed.slice_bounds(group, n_local, input.device)
+    weight_local = None
+    if weight is not None:
+        if not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point():
+            _fail(RuntimeError, "weight must be a floating 1-D tensor, the full (V,) vector or "
+                                "this rank's slice")
+        if weight.numel() == n_global:
+            weight = weight[offset:offset + n_local]
+        elif weight.numel() != n_local:
+            _fail(RuntimeError, f"weight must have {n_global} entries (every class) or {n_local} "
+                                f"(this rank's slice), got {tuple(weight.shape)}")
+        row_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        weight_local = weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
+    loss_rows, lse, nan_if_empty = distributed.sharded_cross_entropy(
+        logits2, target2, weight_local, prob_target,
+        float(softcap) if softcap is not None else None, ignore_index, reduction,
+        label_smoothing, z_loss, bool(inplace_backward), group)
+    return _reduce(loss_rows, lse, reduction, nan_if_empty if reduction == "mean" else None,
+                   batch_shape, input.dtype, return_lse)
 
 
 __all__ = ["cross_entropy", "CrossEntropyFunction", "GRAD_MODES", "uses_triton"]

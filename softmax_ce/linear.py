@@ -80,7 +80,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
                          bias: Optional[Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0, *,
                          z_loss: float = 0.0, softcap: Optional[float] = None,
-                         shift: bool = False, class_weight: Optional[Tensor] = None) -> Tensor:
+                         shift: bool = False, class_weight: Optional[Tensor] = None,
+                         process_group=None) -> Tensor:
     """`cross_entropy(F.linear(input, weight, bias), target, ...)` without the logits.
 
     input: hidden states (..., D); weight: the LM head (V, D); bias: (V,) or None;
@@ -92,8 +93,16 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
         reduction="none" returns the (..., T - 1) losses.
     Under torch.autocast, input, weight and bias are cast to the autocast dtype as
     F.linear would be, and the loss is fp32; gradients flow back to fp32 master weights.
+    process_group: vocabulary parallelism (a column-parallel LM head).  `weight` and
+        `bias` hold this rank's contiguous slice of the vocabulary's rows, slices in rank
+        order; `input` and `target` (global class indices) are replicated.  The loss is
+        the unsharded one on every rank; the weight and bias gradients are this rank's
+        slices, the input gradient is the full one on every rank (all-reduced over the
+        group in the backward).  A DTensor weight sharded on dim 0 over a 1-D mesh brings
+        its own group.  See softmax_ce.distributed for the communication.
     """
     _check_options(reduction, label_smoothing, z_loss, softcap, api=_API)
+    weight, bias, process_group = _unwrap_dtensor_head(weight, bias, process_group)
     _check_linear_inputs(input, weight, target, bias, shift)
     device_type = input.device.type
     out_dtype = input.dtype
@@ -112,21 +121,25 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     target2 = target.reshape(-1)
 
     row_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    cw = None
-    if class_weight is not None:
-        if class_weight.dim() != 1 or class_weight.numel() != n_vocab:
-            _fail(RuntimeError, f"class_weight must be a 1-D tensor with one entry per class "
-                                f"({n_vocab}), got {tuple(class_weight.shape)}", _API)
-        cw = class_weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
-    alpha, beta, zeta, nan_if_empty = _row_coefficients(
-        target2, False, cw, x2.shape[0], n_vocab, ignore_index, reduction, label_smoothing,
-        z_loss, row_dtype, api=_API)
-    kernel_cw = cw if beta is not None else None
-
-    with torch.autocast(device_type, enabled=False):
-        loss_rows = LinearCrossEntropyFunction.apply(
-            x2, weight, bias, target2, kernel_cw, alpha, beta, zeta,
-            float(softcap) if softcap is not None else None)
+    if process_group is not None:
+        loss_rows, nan_if_empty = _sharded(x2, weight, bias, target2, class_weight, softcap,
+                                           ignore_index, reduction, label_smoothing, z_loss,
+                                           process_group, row_dtype)
+    else:
+        cw = None
+        if class_weight is not None:
+            if class_weight.dim() != 1 or class_weight.numel() != n_vocab:
+                _fail(RuntimeError, f"class_weight must be a 1-D tensor with one entry per class "
+                                    f"({n_vocab}), got {tuple(class_weight.shape)}", _API)
+            cw = class_weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
+        alpha, beta, zeta, nan_if_empty = _row_coefficients(
+            target2, False, cw, x2.shape[0], n_vocab, ignore_index, reduction, label_smoothing,
+            z_loss, row_dtype, api=_API)
+        kernel_cw = cw if beta is not None else None
+        with torch.autocast(device_type, enabled=False):
+            loss_rows = LinearCrossEntropyFunction.apply(
+                x2, weight, bias, target2, kernel_cw, alpha, beta, zeta,
+                float(softcap) if softcap is not None else None)
 
     if reduction == "none":
         loss = loss_rows.reshape(batch_shape)
@@ -137,6 +150,44 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
         if nan_if_empty is not None:
             loss = loss + nan_if_empty
     return loss.to(out_dtype)
+
+
+def _unwrap_dtensor_head(weight, bias, process_group):
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:
+        return weight, bias, process_group
+    if not isinstance(weight, DTensor):
+        return weight, bias, process_group
+    mesh, placements = weight.device_mesh, weight.placements
+    if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
+        _fail(ValueError, f"a DTensor weight must be sharded on dim 0 (the vocabulary) over a "
+                          f"1-D device mesh, got {placements}", _API)
+    if isinstance(bias, DTensor):
+        bias = bias.to_local()
+    return weight.to_local(), bias, mesh.get_group()
+
+
+def _sharded(x2, weight, bias, target2, class_weight, softcap, ignore_index, reduction,
+             label_smoothing, z_loss, group, row_dtype):
+    from . import distributed
+
+    n_local = weight.shape[0]
+    offset, n_global = distributed.slice_bounds(group, n_local, x2.device)
+    cw = None
+    if class_weight is not None:
+        if class_weight.dim() != 1 or class_weight.numel() not in (n_global, n_local):
+            _fail(RuntimeError, f"class_weight must have {n_global} entries (every class) or "
+                                f"{n_local} (this rank's slice), got {tuple(class_weight.shape)}",
+                  _API)
+        if class_weight.numel() == n_global:
+            class_weight = class_weight[offset:offset + n_local]
+        cw = class_weight.detach().to(device=x2.device, dtype=row_dtype).contiguous()
+    with torch.autocast(x2.device.type, enabled=False):
+        loss_rows, nan_if_empty = distributed.ShardedLinearCrossEntropyFunction.apply(
+            x2, weight, bias, target2, cw, float(softcap) if softcap is not None else None,
+            ignore_index, reduction, float(label_smoothing), float(z_loss), group, _API)
+    return loss_rows, nan_if_empty if reduction == "mean" else None
 
 
 class LinearCrossEntropyLoss(nn.Module):
