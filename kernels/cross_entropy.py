@@ -22,7 +22,7 @@ Bytes moved per logit element (b = bytes of the logits' dtype, 2 for bf16):
     ce_fwd_kernel, WRITE_GRAD=False   reads b                      (loss, lse: O(1) per row)
     ce_fwd_kernel, WRITE_GRAD=True    reads b, writes b            (+ b re-read, from L2 when
                                                                     the rows in flight fit)
-    ce_bwd_kernel                     reads b, writes b            (recompute from lse)
+    ce_bwd_kernel                     reads b, writes b            (recompute from m, log d)
     ce_scale_kernel                   reads b, writes b            (skipped when grad_output == 1)
 
 so a training step costs 3b per element with the recompute strategy (forward,
@@ -42,8 +42,14 @@ from ._online import grad_tile, load_logits, online_softmax_update, to_store_dty
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its NumPy interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when our kernels run through Triton's NumPy interpreter.
+
+    Triton fixes the mode when it decorates a kernel, i.e. when this module is imported
+    with TRITON_INTERPRET=1; the variable is read again here so that a caller can route
+    CPU tensors to the PyTorch path by setting it to 0 later (the tests do).  Setting it
+    to 1 after the import cannot turn the interpreter on, and does not pretend to.
+    """
+    return _DECORATED_FOR_INTERPRETER and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------
@@ -90,7 +96,8 @@ def ce_fwd_kernel(
     beta_ptr,          # (n_rows,) fp32 smoothing coefficient   [HAS_SMOOTHING]
     zeta_ptr,          # (n_rows,) fp32 z-loss coefficient      [HAS_ZLOSS]
     loss_ptr,          # (n_rows,) fp32 out: loss of each row, coefficients applied
-    lse_ptr,           # (n_rows,) fp32 out: log-sum-exp of z'
+    max_ptr,           # (n_rows,) fp32 out: m, the row max of z' (0 for an all -inf row)
+    logd_ptr,          # (n_rows,) fp32 out: log d; lse = m + log d, kept apart for precision
     dlse_ptr,          # (n_rows,) fp32 out: d loss_row / d lse
     grad_ptr,          # (n_rows, n_cols) out: d loss / d z    [WRITE_GRAD]; may alias logits
     stats_ptr,         # (n_rows, 3) fp32 out: target term, smoothing term, sum w*y  [WRITE_STATS]
@@ -176,7 +183,7 @@ def ce_fwd_kernel(
     # ---- the row's loss terms, loss and d loss / d lse ----------------------
     # target term: lse - z'_t, or sum w y (lse - z') for probabilities
     if PROB_TARGET:
-        target_term = (lse - ref) * s_wy - s_wyz
+        target_term = ((shift - ref) + log_d) * s_wy - s_wyz
         dlse = alpha * s_wy
     else:
         in_range = (target >= 0) & (target < n_cols)
@@ -194,14 +201,15 @@ def ce_fwd_kernel(
         W = n_cols * 1.0
         if HAS_WEIGHT:
             W = s_w
-        smooth_term = W * (lse - ref) - s_wz
+        smooth_term = W * ((shift - ref) + log_d) - s_wz
         loss += tl.where(beta != 0.0, beta * smooth_term, 0.0)
         dlse += beta * W
     if HAS_ZLOSS:
         loss += tl.where(zeta != 0.0, zeta * lse * lse, 0.0)
         dlse += 2.0 * zeta * lse
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    tl.store(max_ptr + row, shift)
+    tl.store(logd_ptr + row, log_d)
     tl.store(dlse_ptr + row, dlse)
     if WRITE_STATS:
         # the terms before coefficients, for a vocabulary-parallel caller that
@@ -222,7 +230,7 @@ def ce_fwd_kernel(
             mask = offs < n_cols
             g = grad_tile(logits_row, offs, offs < n_read, stride_logits_col, weight_ptr,
                           tgt_row, stride_target_col, target,
-                          lse, dlse, alpha, beta, softcap,
+                          shift, log_d, dlse, alpha, beta, softcap,
                           PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
             g = tl.where(active, g, 0.0)
             tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
@@ -234,7 +242,8 @@ def ce_bwd_kernel(
     logits_ptr,        # (n_rows, n_cols) the forward's logits
     target_ptr,        # (n_rows,) int class index, or (n_rows, n_cols) probabilities
     weight_ptr,        # (n_cols,) fp32 class weights          [HAS_WEIGHT]
-    lse_ptr,           # (n_rows,) fp32 saved by the forward
+    max_ptr,           # (n_rows,) fp32 m saved by the forward
+    logd_ptr,          # (n_rows,) fp32 log d saved by the forward
     s_coef_ptr,        # (n_rows,) fp32 grad_out * dlse (+ grad of lse)
     alpha_ptr,         # (n_rows,) fp32 grad_out * alpha
     beta_ptr,          # (n_rows,) fp32 grad_out * beta           [HAS_SMOOTHING]
@@ -260,7 +269,8 @@ def ce_bwd_kernel(
     grad_row = grad_ptr + row * stride_grad_row
     cols = tl.arange(0, BLOCK_V)
 
-    lse = tl.load(lse_ptr + row)
+    shift = tl.load(max_ptr + row)
+    log_d = tl.load(logd_ptr + row)
     s_coef = tl.load(s_coef_ptr + row)
     alpha = tl.load(alpha_ptr + row)
     beta = 0.0
@@ -281,7 +291,7 @@ def ce_bwd_kernel(
         mask = offs < n_cols
         g = grad_tile(logits_row, offs, offs < n_read, stride_logits_col, weight_ptr,
                       tgt_row, stride_target_col, target,
-                      lse, s_coef, alpha, beta, softcap,
+                      shift, log_d, s_coef, alpha, beta, softcap,
                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
         g = tl.where(active, g, 0.0)
         tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
@@ -307,6 +317,9 @@ def ce_scale_kernel(
         mask = offs < n_touch
         g = tl.load(grad_row + offs * stride_grad_col, mask=mask, other=0.0).to(tl.float32)
         tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g * scale, grad_ptr.dtype.element_ty), mask=mask)
+
+
+_DECORATED_FOR_INTERPRETER = type(ce_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 # ----------------------------------------------------------------------------

@@ -181,7 +181,8 @@ def lce_bwd_kernel(
     bias_ptr,         # (V,) head bias                          [HAS_BIAS]
     target_ptr,       # (N,) class indices
     cw_ptr,           # (V,) fp32 class weights                [HAS_CLASS_WEIGHT]
-    lse_ptr,          # (N,) fp32 from the forward
+    max_ptr,          # (N,) fp32 row max m from the forward
+    logd_ptr,         # (N,) fp32 log d from the forward (lse = m + log d, kept apart)
     s_coef_ptr,       # (N,) fp32 grad_out * dloss/dlse
     alpha_ptr,        # (N,) fp32 grad_out * alpha
     beta_ptr,         # (N,) fp32 grad_out * beta               [HAS_SMOOTHING]
@@ -211,12 +212,13 @@ def lce_bwd_kernel(
                          stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
                          BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
 
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    shift = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
+    log_d = tl.load(logd_ptr + rows, mask=row_mask, other=0.0)
     s_coef = tl.load(s_coef_ptr + rows, mask=row_mask, other=0.0)
     alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
     target = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=-1).to(tl.int64)
 
-    g = s_coef[:, None] * tl.exp(z - lse[:, None])
+    g = s_coef[:, None] * tl.exp((z - shift[:, None]) - log_d[:, None])
     g -= tl.where(vcols[None, :] == target[:, None], alpha[:, None], 0.0)
     if HAS_SMOOTHING:
         beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)

@@ -9,7 +9,7 @@ Each entry point dispatches to one of two implementations with the same semantic
   the rows in chunks of at most CHUNK_ELEMENTS logits, so its temporaries stay a
   fixed size however large the logits are.
 
-All row-level tensors (alpha, beta, zeta, loss, lse, dlse, s_coef) are fp32
+All row-level tensors (alpha, beta, zeta, loss, mx, logd, dlse, s_coef) are fp32
 vectors of length n_rows (float64 on the float64 path); see the kernel file for
 what each means.
 """
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .kernels import cross_entropy as K
+from .kernels import tuning
 
 # Rows per chunk of the PyTorch path: about 4M logits, so its few fp32
 # temporaries (upcast chunk, exp, gradient) stay near 50 MB.
@@ -34,6 +35,20 @@ def uses_triton(logits: Tensor) -> bool:
     return logits.device.type == "cpu" and K.interpreting()
 
 
+def run_kernel(name, raw, tuned, grid, args, flags, device, n_cols, dtype, interpreter_config):
+    """Launch `raw` with the config tuning.config_for picks, or `tuned` (triton.autotune)
+    when it picks none; under the interpreter, with `interpreter_config`.
+    grid: meta-parameters -> launch grid."""
+    if K.interpreting():
+        raw[grid(interpreter_config)](*args, **interpreter_config, **flags)
+        return
+    config = tuning.config_for(name, device, n_cols, dtype)
+    if config is None:
+        tuned[grid](*args, **flags)
+    else:
+        raw[grid(config)](*args, **config, **flags)
+
+
 def _target_strides(target: Tensor, prob_target: bool):
     return (target.stride(0), target.stride(1)) if prob_target else (target.stride(0), 0)
 
@@ -42,7 +57,8 @@ def _target_strides(target: Tensor, prob_target: bool):
 # Triton
 # ----------------------------------------------------------------------------
 
-def _fwd_triton(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap,
+def _fwd_triton(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse, grad, prob_target,
+                softcap,
                 stats=None):
     n_rows, n_cols = logits.shape
     flags = dict(
@@ -60,7 +76,7 @@ def _fwd_triton(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad
         alpha,
         beta if beta is not None else alpha,
         zeta if zeta is not None else alpha,
-        loss, lse, dlse,
+        loss, mx, logd, dlse,
         grad if grad is not None else logits,
         stats if stats is not None else alpha,
         n_cols,
@@ -69,15 +85,13 @@ def _fwd_triton(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad
         *(grad.stride() if grad is not None else (0, 0)),
         float(softcap) if softcap is not None else 1.0,
     )
-    if K.interpreting():
-        K.ce_fwd_kernel[(n_rows,)](*args, BLOCK_V=K.interpreter_block(n_cols), num_warps=4, **flags)
-    else:
-        inplace = grad is not None and grad.data_ptr() == logits.data_ptr()
-        kernel = K.ce_fwd_tuned_inplace if inplace else K.ce_fwd_tuned
-        kernel[(n_rows,)](*args, **flags)
+    inplace = grad is not None and grad.data_ptr() == logits.data_ptr()
+    run_kernel("ce_fwd", K.ce_fwd_kernel, K.ce_fwd_tuned_inplace if inplace else K.ce_fwd_tuned,
+               lambda meta: (n_rows,), args, flags, logits.device, n_cols, logits.dtype,
+               dict(BLOCK_V=K.interpreter_block(n_cols), num_warps=4))
 
 
-def _bwd_triton(logits, target, weight, lse, s_coef, alpha, beta, grad, prob_target, softcap):
+def _bwd_triton(logits, target, weight, mx, logd, s_coef, alpha, beta, grad, prob_target, softcap):
     n_rows, n_cols = logits.shape
     flags = dict(
         PROB_TARGET=prob_target,
@@ -87,9 +101,9 @@ def _bwd_triton(logits, target, weight, lse, s_coef, alpha, beta, grad, prob_tar
     )
     args = (
         logits, target,
-        weight if weight is not None else lse,
-        lse, s_coef, alpha,
-        beta if beta is not None else lse,
+        weight if weight is not None else mx,
+        mx, logd, s_coef, alpha,
+        beta if beta is not None else mx,
         grad,
         n_cols,
         logits.stride(0), logits.stride(1),
@@ -97,21 +111,17 @@ def _bwd_triton(logits, target, weight, lse, s_coef, alpha, beta, grad, prob_tar
         grad.stride(0), grad.stride(1),
         float(softcap) if softcap is not None else 1.0,
     )
-    if K.interpreting():
-        K.ce_bwd_kernel[(n_rows,)](*args, BLOCK_V=K.interpreter_block(n_cols), num_warps=4, **flags)
-    else:
-        inplace = grad.data_ptr() == logits.data_ptr()
-        kernel = K.ce_bwd_tuned_inplace if inplace else K.ce_bwd_tuned
-        kernel[(n_rows,)](*args, **flags)
+    inplace = grad.data_ptr() == logits.data_ptr()
+    run_kernel("ce_bwd", K.ce_bwd_kernel, K.ce_bwd_tuned_inplace if inplace else K.ce_bwd_tuned,
+               lambda meta: (n_rows,), args, flags, logits.device, n_cols, logits.dtype,
+               dict(BLOCK_V=K.interpreter_block(n_cols), num_warps=4))
 
 
 def _scale_triton(grad, scale):
     n_rows, n_cols = grad.shape
     args = (grad, scale, n_cols, grad.stride(0), grad.stride(1), scale.stride(0))
-    if K.interpreting():
-        K.ce_scale_kernel[(n_rows,)](*args, BLOCK_V=K.interpreter_block(n_cols), num_warps=4)
-    else:
-        K.ce_scale_tuned[(n_rows,)](*args)
+    run_kernel("ce_scale", K.ce_scale_kernel, K.ce_scale_tuned, lambda meta: (n_rows,), args, {},
+               grad.device, n_cols, grad.dtype, dict(BLOCK_V=K.interpreter_block(n_cols), num_warps=4))
 
 
 # ----------------------------------------------------------------------------
@@ -132,9 +142,9 @@ def _softcapped(z: Tensor, softcap):
     return softcap * th, th
 
 
-def _grad_chunk(z, th, target, weight, lse, s_coef, alpha, beta, prob_target):
+def _grad_chunk(z, th, target, weight, shift, log_d, s_coef, alpha, beta, prob_target):
     """d loss / d z of a chunk; the same formula as kernels._online.grad_tile."""
-    g = torch.exp(z - lse[:, None]).mul_(s_coef[:, None])
+    g = (z - shift[:, None]).sub_(log_d[:, None]).exp_().mul_(s_coef[:, None])
     if prob_target:
         y = target.to(z.dtype) * alpha[:, None]  # never in place: target is the user's
         if weight is not None:
@@ -154,7 +164,8 @@ def _grad_chunk(z, th, target, weight, lse, s_coef, alpha, beta, prob_target):
     return g.masked_fill_(~active[:, None], 0.0)
 
 
-def _fwd_torch(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap,
+def _fwd_torch(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse, grad, prob_target,
+               softcap,
                stats=None):
     n_rows, n_cols = logits.shape
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -164,14 +175,14 @@ def _fwd_torch(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad,
         a = alpha[rows].to(cdt)
         m = z.amax(dim=1)
         shift = torch.where(m == float("-inf"), 0.0, m)
-        log_d = torch.exp(z - shift[:, None]).sum(dim=1).log()
+        log_d = (z - shift[:, None]).exp_().sum(dim=1).log()
         lse_c = shift + log_d
         t = target[rows]
         s_wy = torch.zeros_like(lse_c)
         if prob_target:
             y = t.to(cdt)
             wy = y * w if w is not None else y
-            logp = z - lse_c[:, None]
+            logp = (z - shift[:, None]) - log_d[:, None]  # not z - lse: exact near +-1e4
             # y = 0 on a masked (-inf) logit contributes 0, not 0 * -inf
             target_term = -torch.where(wy != 0, wy * logp, 0.0).sum(dim=1)
             s_wy = wy.sum(dim=1)
@@ -186,7 +197,7 @@ def _fwd_torch(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad,
         smooth = torch.zeros_like(lse_c)
         if beta is not None:
             b = beta[rows].to(cdt)
-            logp = z - lse_c[:, None]
+            logp = (z - shift[:, None]) - log_d[:, None]
             W = w.sum() if w is not None else float(n_cols)
             smooth = -(logp * w).sum(dim=1) if w is not None else -logp.sum(dim=1)
             loss_c += torch.where(b != 0, b * smooth, 0.0)
@@ -196,26 +207,30 @@ def _fwd_torch(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad,
             loss_c += torch.where(zt != 0, zt * lse_c * lse_c, 0.0)
             dlse_c += 2.0 * zt * lse_c
         loss[rows] = loss_c
-        lse[rows] = lse_c
+        mx[rows] = shift
+        logd[rows] = log_d
         dlse[rows] = dlse_c
         if stats is not None:
             stats[rows] = torch.stack([target_term, smooth, s_wy], dim=1)
         if grad is not None:
-            g = _grad_chunk(z, th, t, w, lse_c, dlse_c, a,
+            g = _grad_chunk(z, th, t, w, shift, log_d, dlse_c, a,
                             beta[rows].to(cdt) if beta is not None else None, prob_target)
             grad[rows] = g  # after every read of this chunk: grad may alias logits
+            del g  # so the next chunk's temporaries can take its place
 
 
-def _bwd_torch(logits, target, weight, lse, s_coef, alpha, beta, grad, prob_target, softcap):
+def _bwd_torch(logits, target, weight, mx, logd, s_coef, alpha, beta, grad, prob_target, softcap):
     n_rows, n_cols = logits.shape
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     w = weight.to(cdt) if weight is not None else None
     for rows in _chunks(n_rows, n_cols):
         z, th = _softcapped(logits[rows].to(cdt), softcap)
-        g = _grad_chunk(z, th, target[rows], w, lse[rows].to(cdt), s_coef[rows].to(cdt),
+        g = _grad_chunk(z, th, target[rows], w, mx[rows].to(cdt), logd[rows].to(cdt),
+                        s_coef[rows].to(cdt),
                         alpha[rows].to(cdt), beta[rows].to(cdt) if beta is not None else None,
                         prob_target)
         grad[rows] = g
+        del g  # so the next chunk's temporaries can take its place
 
 
 # ----------------------------------------------------------------------------
@@ -224,10 +239,11 @@ def _bwd_torch(logits, target, weight, lse, s_coef, alpha, beta, grad, prob_targ
 
 def forward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
                  beta: Optional[Tensor], zeta: Optional[Tensor],
-                 loss: Tensor, lse: Tensor, dlse: Tensor, grad: Optional[Tensor],
+                 loss: Tensor, mx: Tensor, logd: Tensor, dlse: Tensor, grad: Optional[Tensor],
                  prob_target: bool, softcap: Optional[float],
                  stats: Optional[Tensor] = None) -> None:
-    """Per-row loss, lse and d loss/d lse; with `grad`, also the gradient for grad_output = 1;
+    """Per-row loss, row max m and log d (lse = m + log d, kept apart for precision) and
+    d loss/d lse; with `grad`, also the gradient for grad_output = 1;
     with `stats` (n_rows, 3), the uncoefficiented terms: lse - z'_t (or sum w y (lse - z')),
     sum w (lse - z'), sum w y.
 
@@ -236,18 +252,18 @@ def forward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha
     if logits.shape[0] == 0:
         return
     impl = _fwd_triton if uses_triton(logits) else _fwd_torch
-    impl(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad, prob_target, softcap,
+    impl(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse, grad, prob_target, softcap,
          stats)
 
 
-def backward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+def backward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], mx: Tensor, logd: Tensor,
                   s_coef: Tensor, alpha: Tensor, beta: Optional[Tensor], grad: Tensor,
                   prob_target: bool, softcap: Optional[float]) -> None:
-    """The gradient recomputed from the saved lse; coefficients already hold grad_output."""
+    """The gradient recomputed from the saved m and log d; coefficients hold grad_output."""
     if logits.shape[0] == 0:
         return
     impl = _bwd_triton if uses_triton(logits) else _bwd_torch
-    impl(logits, target, weight, lse, s_coef, alpha, beta, grad, prob_target, softcap)
+    impl(logits, target, weight, mx, logd, s_coef, alpha, beta, grad, prob_target, softcap)
 
 
 def scale_(grad: Tensor, scale: Tensor) -> None:

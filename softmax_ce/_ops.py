@@ -15,63 +15,63 @@ from torch import Tensor
 from . import _launch, _launch_linear
 
 
-def _row_outputs(logits: Tensor):
+def _row_outputs(logits: Tensor, count: int = 4):
     n_rows = logits.shape[0]
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return [logits.new_empty(n_rows, dtype=dt) for _ in range(3)]
+    return [logits.new_empty(n_rows, dtype=dt) for _ in range(count)]
 
 
 @torch.library.custom_op("softmax_ce::fwd", mutates_args=())
 def fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
         beta: Optional[Tensor], zeta: Optional[Tensor], prob_target: bool,
         softcap: Optional[float]) -> List[Tensor]:
-    """-> [loss, lse, dlse], each (n_rows,) fp32."""
-    loss, lse, dlse = _row_outputs(logits)
-    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, None,
+    """-> [loss, mx, logd, dlse], each (n_rows,) fp32; lse = mx + logd."""
+    loss, mx, logd, dlse = _row_outputs(logits)
+    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse, None,
                          prob_target, softcap)
-    return [loss, lse, dlse]
+    return [loss, mx, logd, dlse]
 
 
 @torch.library.custom_op("softmax_ce::fwd_grad", mutates_args=())
 def fwd_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
              beta: Optional[Tensor], zeta: Optional[Tensor], prob_target: bool,
              softcap: Optional[float]) -> List[Tensor]:
-    """Fused: -> [loss, lse, dlse, grad]; grad (n_rows, n_cols) is for grad_output = 1."""
-    loss, lse, dlse = _row_outputs(logits)
+    """Fused: -> [loss, mx, logd, dlse, grad]; grad (n_rows, n_cols) is for grad_output = 1."""
+    loss, mx, logd, dlse = _row_outputs(logits)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, grad,
+    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse, grad,
                          prob_target, softcap)
-    return [loss, lse, dlse, grad]
+    return [loss, mx, logd, dlse, grad]
 
 
 @torch.library.custom_op("softmax_ce::fwd_grad_", mutates_args=("logits",))
 def fwd_grad_(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
               beta: Optional[Tensor], zeta: Optional[Tensor], prob_target: bool,
               softcap: Optional[float]) -> List[Tensor]:
-    """Fused, in place: the logits are overwritten by the gradient. -> [loss, lse, dlse]."""
-    loss, lse, dlse = _row_outputs(logits)
-    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, lse, dlse, logits,
+    """Fused, in place: the logits are overwritten by the gradient. -> [loss, mx, logd, dlse]."""
+    loss, mx, logd, dlse = _row_outputs(logits)
+    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse, logits,
                          prob_target, softcap)
-    return [loss, lse, dlse]
+    return [loss, mx, logd, dlse]
 
 
 @torch.library.custom_op("softmax_ce::bwd", mutates_args=())
-def bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor, s_coef: Tensor,
-        alpha: Tensor, beta: Optional[Tensor], prob_target: bool,
+def bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], mx: Tensor, logd: Tensor,
+        s_coef: Tensor, alpha: Tensor, beta: Optional[Tensor], prob_target: bool,
         softcap: Optional[float]) -> Tensor:
     """Recompute strategy: -> grad (n_rows, n_cols), grad_output already in the coefficients."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _launch.backward_into(logits, target, weight, lse, s_coef, alpha, beta, grad,
+    _launch.backward_into(logits, target, weight, mx, logd, s_coef, alpha, beta, grad,
                           prob_target, softcap)
     return grad
 
 
 @torch.library.custom_op("softmax_ce::bwd_", mutates_args=("logits",))
-def bwd_(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor, s_coef: Tensor,
-         alpha: Tensor, beta: Optional[Tensor], prob_target: bool,
+def bwd_(logits: Tensor, target: Tensor, weight: Optional[Tensor], mx: Tensor, logd: Tensor,
+         s_coef: Tensor, alpha: Tensor, beta: Optional[Tensor], prob_target: bool,
          softcap: Optional[float]) -> None:
     """Recompute strategy, in place: the logits are overwritten by the gradient."""
-    _launch.backward_into(logits, target, weight, lse, s_coef, alpha, beta, logits,
+    _launch.backward_into(logits, target, weight, mx, logd, s_coef, alpha, beta, logits,
                           prob_target, softcap)
 
 
@@ -97,12 +97,12 @@ def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap):
 
 
 @bwd.register_fake
-def _(logits, target, weight, lse, s_coef, alpha, beta, prob_target, softcap):
+def _(logits, target, weight, mx, logd, s_coef, alpha, beta, prob_target, softcap):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @bwd_.register_fake
-def _(logits, target, weight, lse, s_coef, alpha, beta, prob_target, softcap):
+def _(logits, target, weight, mx, logd, s_coef, alpha, beta, prob_target, softcap):
     return None
 
 
@@ -119,17 +119,17 @@ def _(grad, scale):
 def lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
             class_weight: Optional[Tensor], alpha: Tensor, beta: Optional[Tensor],
             zeta: Optional[Tensor], softcap: Optional[float]) -> List[Tensor]:
-    """-> [loss_rows, lse, dlse], each (N,) fp32; the (N, V) logits are never stored."""
+    """-> [loss_rows, mx, logd, dlse], each (N,) fp32; the (N, V) logits are never stored."""
     return list(_launch_linear.forward(x, w, b, target, class_weight, alpha, beta, zeta, softcap))
 
 
 @torch.library.custom_op("softmax_ce::lce_bwd", mutates_args=())
 def lce_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
-            class_weight: Optional[Tensor], lse: Tensor, s_coef: Tensor, alpha: Tensor,
+            class_weight: Optional[Tensor], mx: Tensor, logd: Tensor, s_coef: Tensor, alpha: Tensor,
             beta: Optional[Tensor], softcap: Optional[float], need_dx: bool, need_dw: bool,
             need_db: bool) -> List[Tensor]:
     """-> [dx (N, D), dw (V, D), db (V,)] in fp32, each empty when not needed."""
-    return list(_launch_linear.backward(x, w, b, target, class_weight, lse, s_coef, alpha, beta,
+    return list(_launch_linear.backward(x, w, b, target, class_weight, mx, logd, s_coef, alpha, beta,
                                         softcap, need_dx, need_dw, need_db))
 
 
@@ -139,8 +139,9 @@ def _(x, w, b, target, class_weight, alpha, beta, zeta, softcap):
 
 
 @lce_bwd.register_fake
-def _(x, w, b, target, class_weight, lse, s_coef, alpha, beta, softcap, need_dx, need_dw, need_db):
+def _(x, w, b, target, class_weight, mx, logd, s_coef, alpha, beta, softcap, need_dx, need_dw,
+      need_db):
     n, d = x.shape
     v = w.shape[0]
-    return [lse.new_empty((n, d) if need_dx else (0,)), lse.new_empty((v, d) if need_dw else (0,)),
-            lse.new_empty((v,) if need_db else (0,))]
+    return [mx.new_empty((n, d) if need_dx else (0,)), mx.new_empty((v, d) if need_dw else (0,)),
+            mx.new_empty((v,) if need_db else (0,))]

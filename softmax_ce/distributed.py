@@ -5,7 +5,7 @@ rank order (uneven slices are fine): the class dimension of the logits, or the r
 of the LM-head weight.  No logits are gathered.  Per token, each rank reduces its
 slice to a few fp32 numbers with the same kernels as the single-device loss,
 
-    lse_r                       log-sum-exp of the slice
+    m_r, log d_r                the slice's max and log sum-exp about it (lse_r = m_r + log d_r)
     t_r = lse_r - z'_t          target term, on the rank that owns the target
           (probability targets: sum_c w y (lse_r - z'_c) and s_r = sum_c w y)
     q_r = sum_c w_c (lse_r - z'_c)       label-smoothing term
@@ -17,7 +17,7 @@ and ONE all-gather of these rows combines them exactly on every rank
     lse = logsumexp_r lse_r,  lse - z'_t = t_owner + delta_owner,
     sum_c w_c (lse - z'_c) = sum_r q_r + W_r delta_r.
 
-Bytes communicated per token: 7 fp32 values sent by each rank, 28 * world_size
+Bytes communicated per token: 8 fp32 values sent by each rank, 32 * world_size
 received (Megatron's vocab-parallel loss uses three all-reduces of one value each:
 max, target logit, sum-exp; 12 bytes sent and received per token, but three
 latency-bound collectives instead of one).  The backward of `cross_entropy` needs no
@@ -40,8 +40,8 @@ from . import _launch, _launch_linear, _ops
 from .functional import _coefficients
 
 # columns of the gathered per-row statistics
-_LSE, _TARGET, _SMOOTH, _SWY, _OWNER, _WT, _WSLICE = range(7)
-N_STATS = 7
+_MAX, _LOGD, _TARGET, _SMOOTH, _SWY, _OWNER, _WT, _WSLICE = range(8)
+N_STATS = 8
 
 _offsets: Dict[Tuple[int, int], Tuple[int, int]] = {}
 
@@ -76,11 +76,19 @@ def _gather_rows(local: Tensor, group) -> Tensor:
 
 
 def _combine(gathered: Tensor, prob_target: bool):
-    """Global per-row (lse, target term, smoothing term, sum w y, rho part, W) from the slices."""
-    lse_r = gathered[..., _LSE]
-    lse = torch.logsumexp(lse_r, dim=0)
-    # a rank whose slice is all -inf (or empty) has lse_r = -inf: it contributes nothing
-    delta = torch.where(torch.isneginf(lse_r), 0.0, lse[None] - lse_r)
+    """Global per-row (m, log d, target term, smoothing term, sum w y, w[t], W) from the slices.
+
+    lse = m + log d with m = max_r m_r and log d = log sum_r d_r e^(m_r - m); the
+    difference delta_r = lse - lse_r is formed as (m - m_r) + (log d - log d_r), never by
+    subtracting two rounded lse values (rows near +-1e4 would lose ~1e-3 to that).
+    """
+    m_r, logd_r = gathered[..., _MAX], gathered[..., _LOGD]
+    # a slice with no probability mass (empty, or all -inf) has log d_r = -inf
+    empty = torch.isneginf(logd_r)
+    m = torch.where(empty, float("-inf"), m_r).amax(dim=0)
+    m = torch.where(torch.isneginf(m), 0.0, m)
+    log_d = torch.logsumexp(logd_r + (m_r - m[None]), dim=0)
+    delta = torch.where(empty, 0.0, (m[None] - m_r) + (log_d[None] - logd_r))
     owner = gathered[..., _OWNER]
     if prob_target:
         target_term = (gathered[..., _TARGET] + gathered[..., _SWY] * delta).sum(0)
@@ -90,14 +98,14 @@ def _combine(gathered: Tensor, prob_target: bool):
     s_wy = gathered[..., _SWY].sum(0)
     w_target = (gathered[..., _WT] * owner).sum(0)
     W = gathered[:, :1, _WSLICE].sum()  # the same in every row; :1 keeps N = 0 working
-    return lse, target_term, smooth_term, s_wy, w_target, W
+    return m, log_d, target_term, smooth_term, s_wy, w_target, W
 
 
 def _local_targets(target2, prob_target, offset, n_local, n_global, ignore_index, api):
     """This rank's view of the targets: class index in the slice, -1 where not owned."""
     if prob_target:
         return target2, None
-    valid = target2 != ignore_index
+    valid = target2.long() != ignore_index  # int64: uint8 would wrap -100 to 156
     bad = valid & ((target2 < 0) | (target2 >= n_global))
     msg = (f"softmax_ce.{api}: target holds a class outside [0, {n_global}) that is not "
            f"ignore_index={ignore_index}")
@@ -110,38 +118,38 @@ def _local_targets(target2, prob_target, offset, n_local, n_global, ignore_index
     return torch.where(owned, local, -1), owned
 
 
-def _local_stats(lse, target_term, smooth_term, s_wy, owned, weight_local, local_t, n_local):
-    n_rows = lse.shape[0]
-    cols = [lse, target_term,
-            smooth_term if smooth_term is not None else torch.zeros_like(lse),
-            s_wy if s_wy is not None else torch.zeros_like(lse)]
-    cols.append(owned.to(lse.dtype) if owned is not None else torch.ones_like(lse))
+def _local_stats(mx, logd, target_term, smooth_term, s_wy, owned, weight_local, local_t, n_local):
+    """This rank's (N, 8) fp32 rows for the all-gather (columns: see _MAX ... _WSLICE)."""
+    zeros = torch.zeros_like(mx)
+    cols = [mx, logd, target_term,
+            smooth_term if smooth_term is not None else zeros,
+            s_wy if s_wy is not None else zeros,
+            owned.to(mx.dtype) if owned is not None else torch.ones_like(mx)]
     if weight_local is not None and owned is not None:
-        w_t = weight_local.to(lse.dtype).gather(0, local_t.clamp(min=0)) * owned
+        cols.append(weight_local.to(mx.dtype).gather(0, local_t.clamp(min=0)) * owned)
     else:
-        w_t = torch.ones_like(lse)
-    cols.append(w_t)
+        cols.append(torch.ones_like(mx))
     W_r = weight_local.sum() if weight_local is not None else float(n_local)
-    cols.append(torch.full((n_rows,), 1.0, dtype=lse.dtype, device=lse.device) * W_r)
+    cols.append(torch.ones_like(mx) * W_r)
     return torch.stack(cols, dim=1)
 
 
 def _global_coefficients(gathered, prob_target, target2, ignore_index, has_weight, n_global,
                          reduction, label_smoothing, z_loss):
-    """-> per-row loss, lse, dlse, alpha, beta and the mean-of-nothing term, all global."""
-    lse, target_term, smooth_term, s_wy, w_target, W = _combine(gathered, prob_target)
+    """-> per-row loss, m, log d, dlse, alpha, beta and the mean-of-nothing term, all global."""
+    m, log_d, target_term, smooth_term, s_wy, w_target, W = _combine(gathered, prob_target)
     if prob_target:
-        valid = rho = torch.ones_like(lse)
+        valid = rho = torch.ones_like(m)
     else:
-        valid = (target2 != ignore_index).to(lse.dtype)
+        valid = (target2.long() != ignore_index).to(m.dtype)
         rho = w_target * valid if has_weight else valid
     alpha, beta, zeta, nan_if_empty = _coefficients(rho, valid, n_global, reduction,
                                                     label_smoothing, z_loss)
-    loss, dlse = _launch_linear.compose_rows(lse, target_term, smooth_term, alpha, beta, zeta, W,
-                                             s_wy if prob_target else None)
+    loss, dlse = _launch_linear.compose_rows(m + log_d, target_term, smooth_term, alpha, beta,
+                                             zeta, W, s_wy if prob_target else None)
     if nan_if_empty is None:
-        nan_if_empty = torch.zeros((), dtype=lse.dtype, device=lse.device)
-    return loss, lse, dlse, alpha, beta, nan_if_empty
+        nan_if_empty = torch.zeros((), dtype=m.dtype, device=m.device)
+    return loss, m, log_d, dlse, alpha, beta, nan_if_empty
 
 
 # ----------------------------------------------------------------------------
@@ -161,32 +169,35 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
         need_smooth = label_smoothing > 0
         row_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         ones = torch.ones(n_rows, dtype=row_dtype, device=logits.device)
-        loss_r, lse_r, dlse_r = (torch.empty_like(ones) for _ in range(3))
+        loss_r, mx_r, logd_r, dlse_r = (torch.empty_like(ones) for _ in range(4))
         stats = torch.empty(n_rows, 3, dtype=row_dtype, device=logits.device)
         kernel_weight = weight_local if (prob_target or need_smooth) else None
         if n_local > 0:
             _launch.forward_into(logits, local_t, kernel_weight, ones, ones if need_smooth else None,
-                                 None, loss_r, lse_r, dlse_r, None, prob_target, softcap, stats)
+                                 None, loss_r, mx_r, logd_r, dlse_r, None, prob_target, softcap,
+                                 stats)
         else:  # an empty slice holds no probability mass
-            lse_r.fill_(float("-inf"))
+            mx_r.zero_()
+            logd_r.fill_(float("-inf"))
             stats.zero_()
-        local = _local_stats(lse_r, stats[:, 0], stats[:, 1] if need_smooth else None,
+        local = _local_stats(mx_r, logd_r, stats[:, 0], stats[:, 1] if need_smooth else None,
                              stats[:, 2] if prob_target else None, owned, weight_local, local_t,
                              n_local)
         gathered = _gather_rows(local, group)
-        loss, lse, dlse, alpha, beta, nan_if_empty = _global_coefficients(
+        loss, mx, logd, dlse, alpha, beta, nan_if_empty = _global_coefficients(
             gathered, prob_target, target2, ignore_index, weight_local is not None, n_global,
             reduction, label_smoothing, z_loss)
         ctx.prob_target, ctx.softcap, ctx.inplace = prob_target, softcap, inplace
-        ctx.save_for_backward(logits, local_t, kernel_weight, lse, dlse, alpha, beta)
+        ctx.save_for_backward(logits, local_t, kernel_weight, mx, logd, dlse, alpha, beta)
+        lse = mx + logd
         ctx.mark_non_differentiable(lse, nan_if_empty)
         return loss, lse, nan_if_empty
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_nan):
-        logits, local_t, weight, lse, dlse, alpha, beta = ctx.saved_tensors
+        logits, local_t, weight, mx, logd, dlse, alpha, beta = ctx.saved_tensors
         g = grad_loss.to(dlse.dtype)
-        args = (local_t, weight, lse, g * dlse, g * alpha, g * beta if beta is not None else None,
+        args = (local_t, weight, mx, logd, g * dlse, g * alpha, g * beta if beta is not None else None,
                 ctx.prob_target, ctx.softcap)
         if logits.shape[1] == 0:
             grad = torch.zeros_like(logits)
@@ -224,31 +235,32 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
         need_smooth = label_smoothing > 0
         cw = class_weight_local if need_smooth else None
         if n_local > 0:
-            lse_r, target_term, smooth_term = _launch_linear.stats(x, weight, bias, local_t, cw,
-                                                                   need_smooth, softcap)
-        else:
+            mx_r, logd_r, target_term, smooth_term = _launch_linear.stats(
+                x, weight, bias, local_t, cw, need_smooth, softcap)
+        else:  # an empty slice holds no probability mass
             row_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            lse_r = torch.full((x.shape[0],), float("-inf"), dtype=row_dtype, device=x.device)
-            target_term = torch.zeros_like(lse_r)
-            smooth_term = torch.zeros_like(lse_r) if need_smooth else None
-        local = _local_stats(lse_r, target_term, smooth_term, None, owned, class_weight_local,
-                             local_t, n_local)
+            mx_r = torch.zeros(x.shape[0], dtype=row_dtype, device=x.device)
+            logd_r = torch.full_like(mx_r, float("-inf"))
+            target_term = torch.zeros_like(mx_r)
+            smooth_term = torch.zeros_like(mx_r) if need_smooth else None
+        local = _local_stats(mx_r, logd_r, target_term, smooth_term, None, owned,
+                             class_weight_local, local_t, n_local)
         gathered = _gather_rows(local, group)
-        loss, lse, dlse, alpha, beta, nan_if_empty = _global_coefficients(
+        loss, mx, logd, dlse, alpha, beta, nan_if_empty = _global_coefficients(
             gathered, False, target2, ignore_index, class_weight_local is not None, n_global,
             reduction, label_smoothing, z_loss)
         ctx.softcap, ctx.group = softcap, group
-        ctx.save_for_backward(x, weight, bias, local_t, cw, lse, dlse, alpha, beta)
+        ctx.save_for_backward(x, weight, bias, local_t, cw, mx, logd, dlse, alpha, beta)
         ctx.mark_non_differentiable(nan_if_empty)
         return loss, nan_if_empty
 
     @staticmethod
     def backward(ctx, grad_loss, grad_nan):
-        x, weight, bias, local_t, cw, lse, dlse, alpha, beta = ctx.saved_tensors
+        x, weight, bias, local_t, cw, mx, logd, dlse, alpha, beta = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         g = grad_loss.to(dlse.dtype)
         if weight.shape[0] > 0:
-            dx, dw, db = _ops.lce_bwd(x, weight, bias, local_t, cw, lse, g * dlse, g * alpha,
+            dx, dw, db = _ops.lce_bwd(x, weight, bias, local_t, cw, mx, logd, g * dlse, g * alpha,
                                       g * beta if beta is not None else None, ctx.softcap,
                                       need_dx, need_dw, need_db and bias is not None)
         else:

@@ -31,11 +31,13 @@ _INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 class CrossEntropyFunction(torch.autograd.Function):
     """Autograd over (n_rows, n_cols) logits -> (loss_rows, lse), both (n_rows,) fp32.
 
-    grad_mode "recompute": the forward saves lse and the row coefficients; the
-    backward reads the logits once more and writes the gradient scaled by
-    grad_output (3 passes' worth of bytes in all: read, read, write).
+    grad_mode "recompute": the forward saves the row max m, log d (lse = m + log d)
+    and the row coefficients; the backward reads the logits once more and writes the
+    gradient scaled by grad_output (3 passes' worth of bytes in all: read, read, write).
     grad_mode "fused": the forward also writes the gradient for grad_output = 1;
-    the backward rescales it in place, a no-op on the GPU when grad_output == 1.
+    the backward rescales it in place, a no-op on the GPU when grad_output == 1.  That
+    in-place rescale means one backward per forward (no retain_graph re-runs, no
+    gradcheck): autograd raises its in-place error on a second one.
     inplace: the gradient is written into the logits' storage; the op declares the
     mutation, so autograd's version counter makes any later use of those logits in
     a backward raise instead of reading a gradient as logits.
@@ -47,20 +49,25 @@ class CrossEntropyFunction(torch.autograd.Function):
         args = (target, weight, alpha, beta, zeta, prob_target, softcap)
         ctx.fused = grad_mode == "fused"
         ctx.prob_target, ctx.softcap, ctx.inplace = prob_target, softcap, inplace
-        if ctx.fused:
-            if inplace:
-                loss, lse, dlse = _ops.fwd_grad_(logits, *args)
-                grad = logits
-            else:
-                loss, lse, dlse, grad = _ops.fwd_grad(logits, *args)
-            ctx.save_for_backward(grad)
-            ctx.mark_non_differentiable(lse)
-        else:
-            loss, lse, dlse = _ops.fwd(logits, *args)
-            ctx.save_for_backward(logits, target, weight, lse, dlse, alpha, beta)
         ctx.needs_target_grad = prob_target and ctx.needs_input_grad[1]
         if ctx.needs_target_grad:
-            ctx.target_grad_inputs = (logits.detach().clone(), lse, alpha, weight)
+            # before any in-place variant overwrites the logits with the gradient
+            target_grad_logits = logits.detach().clone()
+        if ctx.fused:
+            if inplace:
+                loss, mx, logd, dlse = _ops.fwd_grad_(logits, *args)
+                grad = logits
+            else:
+                loss, mx, logd, dlse, grad = _ops.fwd_grad(logits, *args)
+            ctx.save_for_backward(grad)
+        else:
+            loss, mx, logd, dlse = _ops.fwd(logits, *args)
+            ctx.save_for_backward(logits, target, weight, mx, logd, dlse, alpha, beta)
+        if ctx.needs_target_grad:
+            ctx.target_grad_inputs = (target_grad_logits, mx, logd, alpha, weight)
+        lse = mx + logd
+        if ctx.fused:
+            ctx.mark_non_differentiable(lse)
         return loss, lse
 
     @staticmethod
@@ -71,12 +78,12 @@ class CrossEntropyFunction(torch.autograd.Function):
                 (grad_logits,) = ctx.saved_tensors
                 _ops.scale_(grad_logits, grad_loss.float())
             else:
-                logits, target, weight, lse, dlse, alpha, beta = ctx.saved_tensors
+                logits, target, weight, mx, logd, dlse, alpha, beta = ctx.saved_tensors
                 g = grad_loss.to(dlse.dtype)
                 s_coef = g * dlse
                 if grad_lse is not None:
                     s_coef = s_coef + grad_lse
-                args = (target, weight, lse, s_coef, g * alpha,
+                args = (target, weight, mx, logd, s_coef, g * alpha,
                         g * beta if beta is not None else None, ctx.prob_target, ctx.softcap)
                 if ctx.inplace:
                     _ops.bwd_(logits, *args)
@@ -90,11 +97,11 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 def _probability_target_grad(ctx, grad_loss):
     """d loss / d y for probability targets: alpha * w * (lse - z').  Rare, so plain PyTorch."""
-    logits, lse, alpha, weight = ctx.target_grad_inputs
-    z = logits.to(lse.dtype)
+    logits, mx, logd, alpha, weight = ctx.target_grad_inputs
+    z = logits.to(mx.dtype)
     if ctx.softcap is not None:
         z = ctx.softcap * torch.tanh(z / ctx.softcap)
-    g = (grad_loss.to(lse.dtype) * alpha)[:, None] * (lse[:, None] - z)
+    g = (grad_loss.to(mx.dtype) * alpha)[:, None] * ((mx[:, None] - z) + logd[:, None])
     return g * weight if weight is not None else g
 
 
@@ -163,6 +170,12 @@ def _flatten(input: Tensor, target: Tensor):
     return rows(input, True), rows(target, prob_target), prob_target, batch_shape, n_classes
 
 
+def _check_prob_ignore(prob_target, ignore_index, api="cross_entropy"):
+    if prob_target and ignore_index != -100:
+        _fail(RuntimeError, f"ignore_index={ignore_index} is not supported for floating point "
+                            f"(probability) target, as in torch", api)
+
+
 def _check_target_range(target: Tensor, valid: Tensor, n_classes: int, ignore_index: int,
                         api="cross_entropy"):
     bad = valid & ((target < 0) | (target >= n_classes))
@@ -182,7 +195,8 @@ def _row_weights(target2, prob_target, weight32, n_rows, n_classes, ignore_index
     if prob_target:
         ones = torch.ones(n_rows, dtype=dtype, device=target2.device)
         return ones, ones
-    is_valid = target2 != ignore_index
+    # compared as int64: a uint8 target would turn ignore_index=-100 into class 156
+    is_valid = target2.long() != ignore_index
     _check_target_range(target2, is_valid, n_classes, ignore_index, api)
     valid = is_valid.to(dtype)
     if weight32 is None:
@@ -230,8 +244,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         reduced like the target term (ignored tokens add nothing).
     softcap: logits become ``softcap * tanh(z / softcap)`` before the softmax (Gemma 2).
     inplace_backward: write the gradient into the logits' storage, so a training step
-        needs no second logits-sized buffer.  The logits must not be used afterwards;
-        autograd raises if a backward would read them.
+        needs no second logits-sized buffer when the logits are an intermediate (an LM
+        head's output); for a leaf tensor autograd still copies the gradient into .grad.
+        The logits must not be used afterwards; autograd raises if a backward would read
+        them.
     grad_mode: ``"recompute"`` (default) saves only the per-row lse and recomputes
         softmax in the backward: 3 logits-sized passes of traffic per step whatever
         grad_output is.  ``"fused"`` writes the gradient during the forward and only
@@ -261,6 +277,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         return _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                         softcap, inplace_backward, grad_mode, return_lse, process_group)
     logits2, target2, prob_target, batch_shape, n_classes = _flatten(input, target)
+    _check_prob_ignore(prob_target, ignore_index)
     n_rows = logits2.shape[0]
 
     weight32 = None
@@ -331,6 +348,7 @@ def _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_
         _fail(ValueError, f"grad_mode={grad_mode!r} is not available with process_group: the "
                           f"gradient needs the global lse, known only after the forward")
     logits2, target2, prob_target, batch_shape, n_local = _flatten(input, target)
+    _check_prob_ignore(prob_target, ignore_index)
     offset, n_global = distributed.slice_bounds(group, n_local, input.device)
     weight_local = None
     if weight is not None:

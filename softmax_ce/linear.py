@@ -25,18 +25,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, alpha, beta, zeta, softcap):
-        loss, lse, dlse = _ops.lce_fwd(x, weight, bias, target, class_weight, alpha, beta,
-                                       zeta, softcap)
+        loss, mx, logd, dlse = _ops.lce_fwd(x, weight, bias, target, class_weight, alpha, beta,
+                                            zeta, softcap)
         ctx.softcap = softcap
-        ctx.save_for_backward(x, weight, bias, target, class_weight, lse, dlse, alpha, beta)
+        ctx.save_for_backward(x, weight, bias, target, class_weight, mx, logd, dlse, alpha, beta)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, bias, target, class_weight, lse, dlse, alpha, beta = ctx.saved_tensors
+        x, weight, bias, target, class_weight, mx, logd, dlse, alpha, beta = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         g = grad_loss.to(dlse.dtype)
-        dx, dw, db = _ops.lce_bwd(x, weight, bias, target, class_weight, lse, g * dlse,
+        dx, dw, db = _ops.lce_bwd(x, weight, bias, target, class_weight, mx, logd, g * dlse,
                                   g * alpha, g * beta if beta is not None else None,
                                   ctx.softcap, need_dx, need_dw, need_db and bias is not None)
         return (dx.to(x.dtype) if need_dx else None,
