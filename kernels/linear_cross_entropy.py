@@ -81,6 +81,7 @@ def _logits_tile(
     stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """z' for one tile in fp32 (padding columns -inf), and tanh(z/c) for the chain rule."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -92,6 +93,8 @@ def _logits_tile(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + vcols[:, None] * stride_w_row + k[None, :] * stride_w_col,
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + vcols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -127,6 +130,7 @@ def lce_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 inputs (torch's default), "tf32" otherwise
+    UPCAST_DOT: tl.constexpr,      # interpreter only: its tl.dot multiplies bf16 bit patterns
 ):
     pid_n, pid_v = _tile_ids(n_rows, n_vocab, BLOCK_N, BLOCK_V, GROUP_N)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,7 +140,8 @@ def lce_fwd_kernel(
 
     z, th = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
                          stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
-                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+                         UPCAST_DOT)
 
     # the target logit: exactly one tile of the row's sweep holds it
     target = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=-1).to(tl.int64)
@@ -201,6 +206,7 @@ def lce_bwd_kernel(
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     pid_n, pid_v = _tile_ids(n_rows, n_vocab, BLOCK_N, BLOCK_V, GROUP_N)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,7 +216,8 @@ def lce_bwd_kernel(
 
     z, th = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
                          stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
-                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION)
+                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+                         UPCAST_DOT)
 
     shift = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
     log_d = tl.load(logd_ptr + rows, mask=row_mask, other=0.0)
@@ -235,6 +242,8 @@ def lce_bwd_kernel(
         tl.atomic_add(db_ptr + vcols, tl.sum(g, axis=0), mask=col_mask)
 
     g_lo = g.to(x_ptr.dtype.element_ty)
+    if UPCAST_DOT:
+        g_lo = g_lo.to(tl.float32)
     ks = tl.arange(0, BLOCK_D)
     for k0 in range(0, dim, BLOCK_D):
         k = k0 + ks
@@ -242,11 +251,15 @@ def lce_bwd_kernel(
         if COMPUTE_DX:
             w = tl.load(w_ptr + vcols[:, None] * stride_w_row + k[None, :] * stride_w_col,
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                w = w.to(tl.float32)
             tl.atomic_add(dx_ptr + rows[:, None] * dim + k[None, :], tl.dot(g_lo, w, input_precision=DOT_PRECISION),
                           mask=row_mask[:, None] & k_mask[None, :])
         if COMPUTE_DW:
             x = tl.load(x_ptr + rows[:, None] * stride_x_row + k[None, :] * stride_x_col,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                x = x.to(tl.float32)
             tl.atomic_add(dw_ptr + vcols[:, None] * dim + k[None, :], tl.dot(tl.trans(g_lo), x, input_precision=DOT_PRECISION),
                           mask=col_mask[:, None] & k_mask[None, :])
 

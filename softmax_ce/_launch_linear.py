@@ -14,11 +14,18 @@ from torch import Tensor
 from . import _launch
 from ._launch import run_kernel, uses_triton
 from .kernels import linear_cross_entropy as K
+from .kernels.cross_entropy import interpreting
 
 
 def _dot_precision(x: Tensor) -> str:
     # torch runs fp32 matmuls in full precision unless the user allows tf32
     return "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _upcast_dot(x: Tensor) -> bool:
+    # Triton's interpreter keeps bf16 as raw uint16 and its tl.dot multiplies those bit
+    # patterns (triton-lang/triton#11584); the GPU path never upcasts.
+    return interpreting() and x.dtype != torch.float32
 
 
 def _grid(n_rows, n_vocab):
@@ -62,7 +69,7 @@ def _stats_triton(x, w, b, target, class_weight, need_smooth, softcap):
             float(softcap) if softcap is not None else 1.0)
     flags = dict(HAS_BIAS=b is not None, HAS_CLASS_WEIGHT=class_weight is not None,
                  HAS_SMOOTHING=need_smooth, HAS_SOFTCAP=softcap is not None,
-                 DOT_PRECISION=_dot_precision(x))
+                 DOT_PRECISION=_dot_precision(x), UPCAST_DOT=_upcast_dot(x))
     run_kernel("lce_fwd", K.lce_fwd_kernel, K.lce_fwd_tuned, _grid(n_rows, n_vocab), args, flags,
                x.device, n_vocab, x.dtype, K.lce_interpreter_config(n_rows, n_vocab, dim))
     shift = torch.where(m == float("-inf"), 0.0, m)
@@ -90,7 +97,7 @@ def _bwd_triton(x, w, b, target, class_weight, mx, logd, s_coef, alpha, beta, so
     flags = dict(HAS_BIAS=b is not None, HAS_CLASS_WEIGHT=class_weight is not None,
                  HAS_SMOOTHING=beta is not None, HAS_SOFTCAP=softcap is not None,
                  COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-                 DOT_PRECISION=_dot_precision(x))
+                 DOT_PRECISION=_dot_precision(x), UPCAST_DOT=_upcast_dot(x))
     run_kernel("lce_bwd", K.lce_bwd_kernel, K.lce_bwd_tuned, _grid(n_rows, n_vocab), args, flags,
                x.device, n_vocab, x.dtype, K.lce_interpreter_config(n_rows, n_vocab, dim))
     return dx, dw, db
@@ -156,8 +163,9 @@ def stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
     """
     if x.shape[0] == 0:
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        empty = x.new_empty(0, dtype=cdt)
-        return empty, empty, empty, empty if need_smooth else None
+        # distinct tensors: a custom op may not return one tensor twice
+        return tuple(x.new_empty(0, dtype=cdt) for _ in range(3)) + (
+            x.new_empty(0, dtype=cdt) if need_smooth else None,)
     impl = _stats_triton if uses_triton(x) else _stats_torch
     return impl(x, w, b, target, class_weight, need_smooth, softcap)
 

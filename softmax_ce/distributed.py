@@ -18,7 +18,7 @@ and ONE all-gather of these rows combines them exactly on every rank
     sum_c w_c (lse - z'_c) = sum_r q_r + W_r delta_r.
 
 Bytes communicated per token: 8 fp32 values sent by each rank, 32 * world_size
-received (Megatron's vocab-parallel loss uses three all-reduces of one value each:
+received, plus one row per call for the slice check below (Megatron's vocab-parallel loss uses three all-reduces of one value each:
 max, target logit, sum-exp; 12 bytes sent and received per token, but three
 latency-bound collectives instead of one).  The backward of `cross_entropy` needs no
 communication: the forward saved the global lse and coefficients, so each rank writes
@@ -26,53 +26,117 @@ its slice of the gradient.  That of `linear_cross_entropy` all-reduces the fp32
 gradient of the replicated hidden states (N x D), as the column-parallel LM head it
 replaces would; nothing of size V ever crosses the wire.
 
-The slice offsets are learned by one all-gather of slice sizes the first time a
-(group, slice size) pair is seen, and cached.
+Slice offsets come from one all-gather of slice sizes the first time a group is seen,
+then from a cache.  The statistics all-gather carries one extra row in which every rank
+says whether the cached sizes still match its slice, so a changed partition is seen by
+all ranks at once: on CPU they all redo the step with fresh sizes, on CUDA a
+device-side assert fires (deciding to redo would need a host synchronisation).
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import _launch, _launch_linear, _ops
-from .functional import _coefficients
+from .functional import _coefficients, _fail
 
 # columns of the gathered per-row statistics
 _MAX, _LOGD, _TARGET, _SMOOTH, _SWY, _OWNER, _WT, _WSLICE = range(8)
 N_STATS = 8
 
-_offsets: Dict[Tuple[int, int], Tuple[int, int]] = {}
-
 # torch renamed all_gather_into_tensor to all_gather_single (2.13); accept either
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
+_sizes: Dict[int, List[int]] = {}
 
-def slice_bounds(group, n_local: int, device: torch.device) -> Tuple[int, int]:
-    """(offset of this rank's slice, global vocabulary size), cached per (group, n_local)."""
-    key = (id(group), n_local)
-    if key not in _offsets:
-        world = dist.get_world_size(group)
-        rank = dist.get_rank(group)
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        sizes = torch.empty(world, dtype=torch.int64, device=device)
-        _all_gather(sizes, torch.full((1,), n_local, dtype=torch.int64, device=device), group=group)
-        sizes = sizes.tolist()
-        _offsets[key] = (sum(sizes[:rank]), sum(sizes))
-    return _offsets[key]
+
+def _collective_device(group, fallback: torch.device) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback if fallback.type == "cpu" else torch.device("cpu")
+
+
+def _gather_sizes(group, n_local: int, device: torch.device) -> List[int]:
+    device = _collective_device(group, device)
+    sizes = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
+    _all_gather(sizes, torch.full((1,), n_local, dtype=torch.int64, device=device), group=group)
+    return sizes.tolist()
 
 
 def _gather_rows(local: Tensor, group) -> Tensor:
-    """(N, k) on each rank -> (world, N, k): the one collective of the forward."""
+    """(R, k) on each rank -> (world, R, k)."""
     world = dist.get_world_size(group)
-    # the concatenated form (world * N, k): the one every backend accepts
+    # the concatenated form (world * R, k): the one every backend accepts
     out = local.new_empty((world * local.shape[0],) + tuple(local.shape[1:]))
     _all_gather(out, local.contiguous(), group=group)
     return out.view((world,) + tuple(local.shape))
+
+
+def gather_statistics(group, n_local: int, device: torch.device,
+                      compute: Callable[[int, int], Tensor]) -> Tuple[Tensor, int, int]:
+    """The forward's one collective: every rank's `compute(offset, n_global)` rows.
+
+    -> (gathered (world, N, k), this rank's offset, the global vocabulary size).
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    key = id(group)
+    for fresh in (False, True):
+        if fresh or key not in _sizes:
+            _sizes[key] = _gather_sizes(group, n_local, device)
+        sizes = _sizes[key]
+        ok = len(sizes) == world and sizes[rank] == n_local
+        offset, n_global = (sum(sizes[:rank]), sum(sizes)) if ok else (0, n_local)
+        local = compute(offset, n_global)
+        flag = local.new_zeros(1, local.shape[1])
+        flag[0, 0] = 1.0 if ok else 0.0
+        gathered = _gather_rows(torch.cat([local, flag]), group)
+        all_ok = (gathered[:, -1, 0] == 1).all()
+        if local.is_cuda:
+            torch._assert_async(all_ok, "softmax_ce.distributed: the vocabulary slice sizes of "
+                                        "this process group changed; call "
+                                        "softmax_ce.distributed.forget_slices() on every rank")
+            return gathered[:, :-1], offset, n_global
+        if bool(all_ok):
+            return gathered[:, :-1], offset, n_global
+    raise AssertionError("unreachable: fresh slice sizes always match")
+
+
+def forget_slices() -> None:
+    """Drop the cached slice sizes (every rank must call it, e.g. after re-partitioning)."""
+    _sizes.clear()
+
+
+def _check_targets(target2, ignore_index, n_global, api):
+    valid = target2.long() != ignore_index  # int64: uint8 would wrap -100 to 156
+    bad = valid & ((target2 < 0) | (target2 >= n_global))
+    msg = (f"softmax_ce.{api}: target holds a class outside [0, {n_global}) that is not "
+           f"ignore_index={ignore_index}")
+    if target2.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), msg)
+    elif bool(bad.any()):
+        raise IndexError(msg)
+
+
+def _local_targets(target2, offset, n_local, ignore_index):
+    """This rank's view of class targets: the index in its slice, -1 where not owned."""
+    valid = target2.long() != ignore_index
+    local = target2.long() - offset
+    owned = valid & (local >= 0) & (local < n_local)
+    return torch.where(owned, local, -1), owned
+
+
+def _slice_weight(weight, offset, n_local, n_global, dtype, device, api, name):
+    """A full (V,) class-weight vector or this rank's slice -> this rank's slice."""
+    if weight is None:
+        return None
+    if weight.dim() != 1 or weight.numel() not in (n_global, n_local):
+        _fail(RuntimeError, f"{name} must have {n_global} entries (every class) or {n_local} "
+                            f"(this rank's slice), got {tuple(weight.shape)}", api)
+    if weight.numel() == n_global:
+        weight = weight[offset:offset + n_local]
+    return weight.detach().to(device=device, dtype=dtype).contiguous()
 
 
 def _combine(gathered: Tensor, prob_target: bool):
@@ -101,23 +165,6 @@ def _combine(gathered: Tensor, prob_target: bool):
     return m, log_d, target_term, smooth_term, s_wy, w_target, W
 
 
-def _local_targets(target2, prob_target, offset, n_local, n_global, ignore_index, api):
-    """This rank's view of the targets: class index in the slice, -1 where not owned."""
-    if prob_target:
-        return target2, None
-    valid = target2.long() != ignore_index  # int64: uint8 would wrap -100 to 156
-    bad = valid & ((target2 < 0) | (target2 >= n_global))
-    msg = (f"softmax_ce.{api}: target holds a class outside [0, {n_global}) that is not "
-           f"ignore_index={ignore_index}")
-    if target2.is_cuda or torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), msg)
-    elif bool(bad.any()):
-        raise IndexError(msg)
-    local = target2.long() - offset
-    owned = valid & (local >= 0) & (local < n_local)
-    return torch.where(owned, local, -1), owned
-
-
 def _local_stats(mx, logd, target_term, smooth_term, s_wy, owned, weight_local, local_t, n_local):
     """This rank's (N, 8) fp32 rows for the all-gather (columns: see _MAX ... _WSLICE)."""
     zeros = torch.zeros_like(mx)
@@ -125,13 +172,22 @@ def _local_stats(mx, logd, target_term, smooth_term, s_wy, owned, weight_local, 
             smooth_term if smooth_term is not None else zeros,
             s_wy if s_wy is not None else zeros,
             owned.to(mx.dtype) if owned is not None else torch.ones_like(mx)]
-    if weight_local is not None and owned is not None:
+    if weight_local is not None and owned is not None and n_local > 0:
         cols.append(weight_local.to(mx.dtype).gather(0, local_t.clamp(min=0)) * owned)
+    elif weight_local is not None and owned is not None:
+        cols.append(zeros)  # an empty slice owns no target
     else:
         cols.append(torch.ones_like(mx))
     W_r = weight_local.sum() if weight_local is not None else float(n_local)
     cols.append(torch.ones_like(mx) * W_r)
     return torch.stack(cols, dim=1)
+
+
+def _empty_slice_stats(n_rows, dtype, device, need_smooth):
+    """m, log d, target and smoothing terms of a slice with no classes (no probability mass)."""
+    mx = torch.zeros(n_rows, dtype=dtype, device=device)
+    return (mx, torch.full_like(mx, float("-inf")), torch.zeros_like(mx),
+            torch.zeros_like(mx) if need_smooth else None)
 
 
 def _global_coefficients(gathered, prob_target, target2, ignore_index, has_weight, n_global,
@@ -157,64 +213,93 @@ def _global_coefficients(gathered, prob_target, target2, ignore_index, has_weigh
 # ----------------------------------------------------------------------------
 
 class ShardedCrossEntropyFunction(torch.autograd.Function):
-    """(N, V_local) logits -> per-row loss (N,) and global lse (N,), equal on every rank."""
+    """(N, V_local) logits -> per-row loss (N,), global lse (N,) and the mean-of-nothing
+    term, equal on every rank."""
 
     @staticmethod
-    def forward(ctx, logits, target2, weight_local, prob_target, softcap, ignore_index, reduction,
+    def forward(ctx, logits, target2, weight, prob_target, softcap, ignore_index, reduction,
                 label_smoothing, z_loss, inplace, group, api):
         n_rows, n_local = logits.shape
-        offset, n_global = slice_bounds(group, n_local, logits.device)
-        local_t, owned = _local_targets(target2, prob_target, offset, n_local, n_global,
-                                        ignore_index, api)
         need_smooth = label_smoothing > 0
         row_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         ones = torch.ones(n_rows, dtype=row_dtype, device=logits.device)
-        loss_r, mx_r, logd_r, dlse_r = (torch.empty_like(ones) for _ in range(4))
-        stats = torch.empty(n_rows, 3, dtype=row_dtype, device=logits.device)
-        kernel_weight = weight_local if (prob_target or need_smooth) else None
-        if n_local > 0:
-            _launch.forward_into(logits, local_t, kernel_weight, ones, ones if need_smooth else None,
-                                 None, loss_r, mx_r, logd_r, dlse_r, None, prob_target, softcap,
-                                 stats)
-        else:  # an empty slice holds no probability mass
-            mx_r.zero_()
-            logd_r.fill_(float("-inf"))
-            stats.zero_()
-        local = _local_stats(mx_r, logd_r, stats[:, 0], stats[:, 1] if need_smooth else None,
-                             stats[:, 2] if prob_target else None, owned, weight_local, local_t,
-                             n_local)
-        gathered = _gather_rows(local, group)
+        ctx.needs_target_grad = prob_target and ctx.needs_input_grad[1]
+        if ctx.needs_target_grad:
+            ctx.target_grad_logits = logits.detach().clone()
+        kept = {}
+
+        def compute(offset, n_global):
+            weight_local = _slice_weight(weight, offset, n_local, n_global, row_dtype,
+                                         logits.device, api, "weight")
+            if prob_target:
+                local_t, owned = target2, None
+            else:
+                local_t, owned = _local_targets(target2, offset, n_local, ignore_index)
+            kernel_weight = weight_local if (prob_target or need_smooth) else None
+            stats = torch.zeros(n_rows, 3, dtype=row_dtype, device=logits.device)
+            if n_local > 0:
+                loss_r, mx_r, logd_r, dlse_r = (torch.empty_like(ones) for _ in range(4))
+                _launch.forward_into(logits, local_t, kernel_weight, ones,
+                                     ones if need_smooth else None, None, loss_r, mx_r, logd_r,
+                                     dlse_r, None, prob_target, softcap, stats)
+            else:
+                mx_r, logd_r, _, _ = _empty_slice_stats(n_rows, row_dtype, logits.device, False)
+            kept.update(local_t=local_t, weight_local=weight_local, kernel_weight=kernel_weight)
+            return _local_stats(mx_r, logd_r, stats[:, 0], stats[:, 1] if need_smooth else None,
+                                stats[:, 2] if prob_target else None, owned, weight_local,
+                                local_t, n_local)
+
+        gathered, _, n_global = gather_statistics(group, n_local, logits.device, compute)
+        if not prob_target:
+            _check_targets(target2, ignore_index, n_global, api)
         loss, mx, logd, dlse, alpha, beta, nan_if_empty = _global_coefficients(
-            gathered, prob_target, target2, ignore_index, weight_local is not None, n_global,
+            gathered, prob_target, target2, ignore_index, weight is not None, n_global,
             reduction, label_smoothing, z_loss)
         ctx.prob_target, ctx.softcap, ctx.inplace = prob_target, softcap, inplace
-        ctx.save_for_backward(logits, local_t, kernel_weight, mx, logd, dlse, alpha, beta)
+        ctx.save_for_backward(logits, kept["local_t"], kept["kernel_weight"], mx, logd, dlse,
+                              alpha, beta)
+        ctx.weight_local = kept["weight_local"]
         lse = mx + logd
-        ctx.mark_non_differentiable(lse, nan_if_empty)
+        ctx.mark_non_differentiable(nan_if_empty)
         return loss, lse, nan_if_empty
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_nan):
         logits, local_t, weight, mx, logd, dlse, alpha, beta = ctx.saved_tensors
         g = grad_loss.to(dlse.dtype)
-        args = (local_t, weight, mx, logd, g * dlse, g * alpha, g * beta if beta is not None else None,
-                ctx.prob_target, ctx.softcap)
-        if logits.shape[1] == 0:
-            grad = torch.zeros_like(logits)
-        elif ctx.inplace:
-            _ops.bwd_(logits, *args)
-            grad = logits
-        else:
-            grad = _ops.bwd(logits, *args)
-        return (grad,) + (None,) * 11
+        grad = grad_target = None
+        if ctx.needs_input_grad[0]:
+            s_coef = g * dlse
+            if grad_lse is not None:
+                s_coef = s_coef + grad_lse
+            args = (local_t, weight, mx, logd, s_coef, g * alpha,
+                    g * beta if beta is not None else None, ctx.prob_target, ctx.softcap)
+            if logits.shape[1] == 0:
+                grad = torch.zeros_like(logits)
+            elif ctx.inplace:
+                _ops.bwd_(logits, *args)
+                grad = logits
+            else:
+                grad = _ops.bwd(logits, *args)
+        if ctx.needs_target_grad:
+            # d loss / d y = alpha * w * (lse - z'), this rank's slice of it
+            z = ctx.target_grad_logits.to(mx.dtype)
+            if ctx.softcap is not None:
+                z = ctx.softcap * torch.tanh(z / ctx.softcap)
+            grad_target = (g * alpha)[:, None] * ((mx[:, None] - z) + logd[:, None])
+            if ctx.weight_local is not None:
+                grad_target = grad_target * ctx.weight_local
+        return (grad, grad_target) + (None,) * 10
 
 
-def sharded_cross_entropy(logits2, target2, weight_local, prob_target, softcap, ignore_index,
+def sharded_cross_entropy(logits2, target2, weight, prob_target, softcap, ignore_index,
                           reduction, label_smoothing, z_loss, inplace, group,
                           api="cross_entropy"):
-    """-> (loss_rows, lse, nan_if_empty); see `softmax_ce.cross_entropy(process_group=...)`."""
+    """-> (loss_rows, lse, nan_if_empty); see `softmax_ce.cross_entropy(process_group=...)`.
+
+    weight: the full (V,) class weights or this rank's slice, or None."""
     return ShardedCrossEntropyFunction.apply(
-        logits2, target2, weight_local, prob_target, softcap, ignore_index, reduction,
+        logits2, target2, weight, prob_target, softcap, ignore_index, reduction,
         float(label_smoothing), float(z_loss), inplace, group, api)
 
 
@@ -223,34 +308,40 @@ def sharded_cross_entropy(logits2, target2, weight_local, prob_target, softcap, 
 # ----------------------------------------------------------------------------
 
 class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
-    """x (N, D) replicated, weight (V_local, D), bias (V_local,) -> per-row loss (N,)."""
+    """x (N, D) replicated, weight (V_local, D), bias (V_local,) -> per-row loss (N,) and
+    the mean-of-nothing term."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target2, class_weight_local, softcap, ignore_index,
+    def forward(ctx, x, weight, bias, target2, class_weight, softcap, ignore_index,
                 reduction, label_smoothing, z_loss, group, api):
         n_local = weight.shape[0]
-        offset, n_global = slice_bounds(group, n_local, x.device)
-        local_t, owned = _local_targets(target2, False, offset, n_local, n_global, ignore_index,
-                                        api)
         need_smooth = label_smoothing > 0
-        cw = class_weight_local if need_smooth else None
-        if n_local > 0:
-            mx_r, logd_r, target_term, smooth_term = _launch_linear.stats(
-                x, weight, bias, local_t, cw, need_smooth, softcap)
-        else:  # an empty slice holds no probability mass
-            row_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            mx_r = torch.zeros(x.shape[0], dtype=row_dtype, device=x.device)
-            logd_r = torch.full_like(mx_r, float("-inf"))
-            target_term = torch.zeros_like(mx_r)
-            smooth_term = torch.zeros_like(mx_r) if need_smooth else None
-        local = _local_stats(mx_r, logd_r, target_term, smooth_term, None, owned,
-                             class_weight_local, local_t, n_local)
-        gathered = _gather_rows(local, group)
+        row_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        kept = {}
+
+        def compute(offset, n_global):
+            cw_local = _slice_weight(class_weight, offset, n_local, n_global, row_dtype,
+                                     x.device, api, "class_weight")
+            local_t, owned = _local_targets(target2, offset, n_local, ignore_index)
+            cw = cw_local if need_smooth else None
+            if n_local > 0:
+                mx_r, logd_r, target_term, smooth_term = _launch_linear.stats(
+                    x, weight, bias, local_t, cw, need_smooth, softcap)
+            else:
+                mx_r, logd_r, target_term, smooth_term = _empty_slice_stats(
+                    x.shape[0], row_dtype, x.device, need_smooth)
+            kept.update(local_t=local_t, cw=cw, has_weight=cw_local is not None)
+            return _local_stats(mx_r, logd_r, target_term, smooth_term, None, owned, cw_local,
+                                local_t, n_local)
+
+        gathered, _, n_global = gather_statistics(group, n_local, x.device, compute)
+        _check_targets(target2, ignore_index, n_global, api)
         loss, mx, logd, dlse, alpha, beta, nan_if_empty = _global_coefficients(
-            gathered, False, target2, ignore_index, class_weight_local is not None, n_global,
+            gathered, False, target2, ignore_index, kept["has_weight"], n_global,
             reduction, label_smoothing, z_loss)
         ctx.softcap, ctx.group = softcap, group
-        ctx.save_for_backward(x, weight, bias, local_t, cw, mx, logd, dlse, alpha, beta)
+        ctx.save_for_backward(x, weight, bias, kept["local_t"], kept["cw"], mx, logd, dlse,
+                              alpha, beta)
         ctx.mark_non_differentiable(nan_if_empty)
         return loss, nan_if_empty
 

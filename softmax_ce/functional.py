@@ -349,21 +349,12 @@ def _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_
                           f"gradient needs the global lse, known only after the forward")
     logits2, target2, prob_target, batch_shape, n_local = _flatten(input, target)
     _check_prob_ignore(prob_target, ignore_index)
-    offset, n_global = distributed.slice_bounds(group, n_local, input.device)
-    weight_local = None
-    if weight is not None:
-        if not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point():
-            _fail(RuntimeError, "weight must be a floating 1-D tensor, the full (V,) vector or "
-                                "this rank's slice")
-        if weight.numel() == n_global:
-            weight = weight[offset:offset + n_local]
-        elif weight.numel() != n_local:
-            _fail(RuntimeError, f"weight must have {n_global} entries (every class) or {n_local} "
-                                f"(this rank's slice), got {tuple(weight.shape)}")
-        row_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        weight_local = weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
+    if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1
+                               or not weight.is_floating_point()):
+        _fail(RuntimeError, "weight must be a floating 1-D tensor: the full (V,) vector or "
+                            "this rank's slice")
     loss_rows, lse, nan_if_empty = distributed.sharded_cross_entropy(
-        logits2, target2, weight_local, prob_target,
+        logits2, target2, weight, prob_target,
         float(softcap) if softcap is not None else None, ignore_index, reduction,
         label_smoothing, z_loss, bool(inplace_backward), group)
     return _reduce(loss_rows, lse, reduction, nan_if_empty if reduction == "mean" else None,

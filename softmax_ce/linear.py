@@ -172,20 +172,14 @@ def _sharded(x2, weight, bias, target2, class_weight, softcap, ignore_index, red
              label_smoothing, z_loss, group, row_dtype):
     from . import distributed
 
-    n_local = weight.shape[0]
-    offset, n_global = distributed.slice_bounds(group, n_local, x2.device)
-    cw = None
-    if class_weight is not None:
-        if class_weight.dim() != 1 or class_weight.numel() not in (n_global, n_local):
-            _fail(RuntimeError, f"class_weight must have {n_global} entries (every class) or "
-                                f"{n_local} (this rank's slice), got {tuple(class_weight.shape)}",
-                  _API)
-        if class_weight.numel() == n_global:
-            class_weight = class_weight[offset:offset + n_local]
-        cw = class_weight.detach().to(device=x2.device, dtype=row_dtype).contiguous()
+    if class_weight is not None and (not isinstance(class_weight, Tensor)
+                                     or class_weight.dim() != 1):
+        _fail(RuntimeError, "class_weight must be a 1-D tensor: the full (V,) vector or this "
+                            "rank's slice", _API)
     with torch.autocast(x2.device.type, enabled=False):
         loss_rows, nan_if_empty = distributed.ShardedLinearCrossEntropyFunction.apply(
-            x2, weight, bias, target2, cw, float(softcap) if softcap is not None else None,
+            x2, weight, bias, target2, class_weight,
+            float(softcap) if softcap is not None else None,
             ignore_index, reduction, float(label_smoothing), float(z_loss), group, _API)
     return loss_rows, nan_if_empty if reduction == "mean" else None
 

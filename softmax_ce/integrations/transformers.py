@@ -74,8 +74,10 @@ def apply(model: torch.nn.Module) -> torch.nn.Module:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
             loss = loss / num_items_in_batch
-        out["loss"] = loss
-        out["logits"] = None
+        # rebuilt rather than assigned: a ModelOutput orders its fields by declaration and
+        # drops None ones only when built, so loss comes first and logits vanish, as stock
+        fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+        out = type(out)(loss=loss, **fields)
         return out.to_tuple() if return_tuple else out
 
     setattr(model, _ORIGINAL, original)
