@@ -100,3 +100,32 @@ def grad_tile(
     if HAS_SOFTCAP:
         g = g * (1.0 - th * th)
     return g
+
+
+@triton.jit
+def write_grad_row(
+    logits_row, stride_col, grad_row, stride_grad_col,   # this row's logits and gradient
+    weight_ptr, tgt_row_ptr, stride_tgt_col, target, n_cols,
+    shift, log_d, s_coef, alpha, beta, softcap,           # per-row fp32 scalars
+    BLOCK_V: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """Stream one row's gradient: read each logit once, write each gradient once.
+
+    An ignored row (all coefficients 0) has a zero gradient: its logits are not read
+    at all (a masked-off load moves no bytes), only zeros are written.  Each tile is
+    read before it is written, so grad_row may be logits_row (in place)."""
+    active = (s_coef != 0.0) | (alpha != 0.0)
+    if HAS_SMOOTHING:
+        active = active | (beta != 0.0)
+    n_read = tl.where(active, n_cols, 0)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        g = grad_tile(logits_row, offs, offs < n_read, stride_col, weight_ptr,
+                      tgt_row_ptr, stride_tgt_col, target,
+                      shift, log_d, s_coef, alpha, beta, softcap,
+                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        g = tl.where(active, g, 0.0)
+        tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g, grad_row.dtype.element_ty),
+                 mask=offs < n_cols)

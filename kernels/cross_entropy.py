@@ -38,7 +38,7 @@ import os
 import triton
 import triton.language as tl
 
-from ._online import grad_tile, load_logits, online_softmax_update, to_store_dtype
+from ._online import load_logits, online_softmax_update, to_store_dtype, write_grad_row
 
 
 def interpreting() -> bool:
@@ -220,20 +220,10 @@ def ce_fwd_kernel(
 
     # ---- pass 2 (fused strategy): the gradient for grad_output = 1 ---------
     if WRITE_GRAD:
-        active = (dlse != 0.0) | (alpha != 0.0)
-        if HAS_SMOOTHING:
-            active = active | (beta != 0.0)
-        n_read = tl.where(active, n_cols, 0)
-        grad_row = grad_ptr + row * stride_grad_row
-        for start in range(0, n_cols, BLOCK_V):
-            offs = start + cols
-            mask = offs < n_cols
-            g = grad_tile(logits_row, offs, offs < n_read, stride_logits_col, weight_ptr,
-                          tgt_row, stride_target_col, target,
-                          shift, log_d, dlse, alpha, beta, softcap,
-                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-            g = tl.where(active, g, 0.0)
-            tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
+        write_grad_row(logits_row, stride_logits_col, grad_ptr + row * stride_grad_row,
+                       stride_grad_col, weight_ptr, tgt_row, stride_target_col, target, n_cols,
+                       shift, log_d, dlse, alpha, beta, softcap,
+                       BLOCK_V, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -267,7 +257,6 @@ def ce_bwd_kernel(
     logits_row = logits_ptr + row * stride_logits_row
     tgt_row = target_ptr + row * stride_target_row
     grad_row = grad_ptr + row * stride_grad_row
-    cols = tl.arange(0, BLOCK_V)
 
     shift = tl.load(max_ptr + row)
     log_d = tl.load(logd_ptr + row)
@@ -280,21 +269,10 @@ def ce_bwd_kernel(
     if not PROB_TARGET:
         target = tl.load(tgt_row).to(tl.int64)
 
-    # An ignored row (all coefficients 0) has a zero gradient: its logits are
-    # not read at all, a masked-off load moves no bytes.
-    active = (s_coef != 0.0) | (alpha != 0.0)
-    if HAS_SMOOTHING:
-        active = active | (beta != 0.0)
-    n_read = tl.where(active, n_cols, 0)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        mask = offs < n_cols
-        g = grad_tile(logits_row, offs, offs < n_read, stride_logits_col, weight_ptr,
-                      tgt_row, stride_target_col, target,
-                      shift, log_d, s_coef, alpha, beta, softcap,
-                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        g = tl.where(active, g, 0.0)
-        tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
+    write_grad_row(logits_row, stride_logits_col, grad_row, stride_grad_col, weight_ptr,
+                   tgt_row, stride_target_col, target, n_cols,
+                   shift, log_d, s_coef, alpha, beta, softcap,
+                   BLOCK_V, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 
 
 @triton.jit
