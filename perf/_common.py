@@ -1,16 +1,21 @@
-"""Helpers shared by perf/bench.py, perf/autotune.py and perf/plot.py.
+"""Helpers shared by the perf/ scripts (main.py, cpu_memory.py, linear_memory.py,
+distributed.py, bench.py, autotune.py, plot.py).
 
 Not a script and not part of the package: each of those scripts loads this file by
-its path (``load_common()`` below shows how), so they run as ``python perf/x.py``
-from a checkout with nothing added to sys.path.
+its path (the few lines under their imports show how; ``load_module()`` below does the
+same for a script), so they run as ``python perf/x.py`` from a checkout with nothing
+added to sys.path.
 
 What lives here, and why once:
 * provenance of every result row (device name and its file-name key, torch/triton
-  versions, git revision, UTC timestamp);
+  versions, git revision, UTC timestamp) and of every printed header (CPU model, core
+  count and load average, installed package versions);
 * the timers: `triton.testing.do_bench` with a median across Triton versions, a
   CUDA-event timer whose per-call setup (restoring an in-place buffer, building an
   autograd graph) stays outside the timed region, and a perf_counter timer for CPU;
 * the device-to-device copy bandwidth, the ceiling every memory-bound row is read against;
+* resident memory on Linux (RSS, its high-water mark VmHWM and the clear_refs reset),
+  for the CPU memory measurements of main.py, cpu_memory.py and linear_memory.py;
 * CSV appending/reading, a progress bar, a plain-text table.
 
 Nothing here imports triton or softmax_ce at module level: autotune.py must set
@@ -115,6 +120,31 @@ def cpu_model() -> str:
         pass
     import platform
     return platform.processor() or "unknown CPU"
+
+
+def load_average(label: str = "load") -> str:
+    """', load 1.23': the 1-minute load average (CPU times swing with whatever else runs),
+    or '' where the platform has none."""
+    return f", {label} {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+
+
+def cpu_description(cores=None, load_label=None) -> str:
+    """'<model>, <cores> cores' (cores: os.cpu_count() unless given), then the load
+    average under load_label when one is asked for."""
+    cores = os.cpu_count() if cores is None else cores
+    load = "" if load_label is None else load_average(load_label)
+    return f"{cpu_model()}, {cores} cores{load}"
+
+
+def package_version(name: str) -> str:
+    """An installed distribution's version, read from its metadata (nothing is imported),
+    or 'not installed'."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def device_name(device) -> str:
@@ -266,6 +296,61 @@ def copy_gbps(device, nbytes: int, cpu_reps: int = 5) -> float:
 
 
 # ----------------------------------------------------------------------------
+# Resident memory (Linux /proc; ru_maxrss as the fallback)
+# ----------------------------------------------------------------------------
+
+# glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_) in the measuring subprocesses: with
+# glibc's default, buffers under 32 MB freed by a warm-up step stay cached (resident) in
+# the heap and the next step reuses them without raising RSS; at 1 MiB every freed
+# buffer goes back to the OS at once, so an RSS delta counts what the step holds live.
+MMAP_THRESHOLD = 1 << 20
+
+
+def rss_kib() -> int:
+    """This process's resident set now, KiB."""
+    with open("/proc/self/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def peak_rss():
+    """-> (KiB, source): this process's resident high-water mark, from VmHWM where /proc
+    has it, else from ru_maxrss.
+
+    ru_maxrss is max(this address space's high-water mark, the signal struct's
+    maxrss), and exec folds the spawning process's address space into the latter, so
+    a fresh subprocess starts with ru_maxrss at least its parent's peak (here: the
+    parent holding the inputs and the reference).  VmHWM is the address space's own
+    mark, the one clear_refs resets; ru_maxrss is only the fallback.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]), "VmHWM"
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+
+
+def peak_rss_kib() -> int:
+    """This process's resident high-water mark, KiB (see peak_rss)."""
+    return peak_rss()[0]
+
+
+def reset_peak_rss() -> bool:
+    """Lower this process's high-water mark to its current RSS (Linux >= 4.0);
+    False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------
 # CSV, progress, tables
 # ----------------------------------------------------------------------------
 
@@ -355,10 +440,16 @@ def format_table(rows, columns) -> str:
             else:
                 line.append(str(v))
         cells.append(line)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    return layout_table(cells)
+
+
+def layout_table(cells, left=(0,)) -> str:
+    """cells: the title row, then one list of strings per row.  Columns whose index is in
+    `left` are left-aligned, the others right-aligned; a rule of dashes under the titles."""
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     out = []
     for k, c in enumerate(cells):
-        out.append("  ".join(s.ljust(w) if i == 0 else s.rjust(w)
+        out.append("  ".join(s.ljust(w) if i in left else s.rjust(w)
                              for i, (s, w) in enumerate(zip(c, widths))))
         if k == 0:
             out.append("  ".join("-" * w for w in widths))

@@ -55,6 +55,7 @@ From Python, ``main([...])`` returns a dict: csv, table, device_key, rows, winne
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -77,20 +78,13 @@ from softmax_ce.kernels import linear_cross_entropy as LCE  # noqa: E402
 from softmax_ce.kernels import tuning  # noqa: E402
 
 
-def _load_common():
-    import importlib.util
-
-    name = "softmax_ce_perf_common"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-C = _load_common()
+# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
+# registered before it runs, since dataclasses look their module up in sys.modules
+_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
+if _spec.name not in sys.modules:
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_spec.name])
+C = sys.modules[_spec.name]
 
 # ----------------------------------------------------------------------------
 # What is swept

@@ -66,6 +66,7 @@ From Python, ``main([...])`` returns this run's rows (a list of dicts).
 
 import argparse
 import gc
+import importlib.util
 import itertools
 import math
 import sys
@@ -80,20 +81,13 @@ import torch.nn.functional as F
 import softmax_ce
 
 
-def _load_common():
-    import importlib.util
-
-    name = "softmax_ce_perf_common"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-C = _load_common()
+# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
+# registered before it runs, since dataclasses look their module up in sys.modules
+_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
+if _spec.name not in sys.modules:
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_spec.name])
+C = sys.modules[_spec.name]
 
 MODES = ("forward", "backward", "fwd+bwd")
 
@@ -371,6 +365,42 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
+def shape_todo(run, providers, modes, shape, skipped):
+    """The (provider, mode) pairs to measure at one shape, shape = (section, dtype, N, V,
+    D or ""): those the CSV does not have yet (--resume); [] when none are left or when
+    the time budget is spent (`skipped` is recorded)."""
+    section, dt, n, v, d = shape
+    todo = [(p, m) for p in providers for m in modes
+            if (section, p.name, m, dt, str(n), str(v), str(d)) not in run.done]
+    if todo and run.over_budget():
+        run.skipped.append(skipped)
+        return []
+    return todo
+
+
+def emit_notes(run, base, cases, note):
+    """A row with no measurement, only the note saying why, for each (provider, mode)."""
+    for p, m in cases:
+        run.emit(dict(base, provider=p.name, mode=m, note=note))
+
+
+def modes_to_run(run, p, modes, todo, base, skipped):
+    """The modes of provider p to measure at this shape; [] when none are left to do,
+    when the time budget is spent (`skipped` is recorded) or when p cannot run on this
+    device (its rows are emitted with the reason)."""
+    p_modes = [m for m in modes if (p, m) in todo]
+    if not p_modes:
+        return []
+    if run.over_budget():
+        run.skipped.append(skipped)
+        return []
+    note = availability(p, run.device)
+    if note:
+        emit_notes(run, base, [(p, m) for m in p_modes], note)
+        return []
+    return p_modes
+
+
 def softmax_ce_path(x) -> str:
     uses_triton = getattr(softmax_ce.functional, "uses_triton", None)
     if uses_triton is None:
@@ -438,12 +468,8 @@ def n_copies(run, nbytes) -> int:
 def run_ce(run, shapes, providers, modes):
     args, device = run.args, run.device
     for dt, n, v in itertools.product(shapes["dtypes"], shapes["rows"], shapes["vocab"]):
-        todo = [(p, m) for p in providers for m in modes
-                if ("ce", p.name, m, dt, str(n), str(v), "") not in run.done]
+        todo = shape_todo(run, providers, modes, ("ce", dt, n, v, ""), f"ce {dt} N={n} V={v}")
         if not todo:
-            continue
-        if run.over_budget():
-            run.skipped.append(f"ce {dt} N={n} V={v}")
             continue
         dtype = C.torch_dtype(dt)
         b = torch.empty((), dtype=dtype).element_size()
@@ -459,22 +485,13 @@ def run_ce(run, shapes, providers, modes):
             notes, "inputs: ")
         if made is None:
             free_memory(device)
-            for p, m in todo:
-                run.emit(dict(base, provider=p.name, mode=m, note=notes[0]))
+            emit_notes(run, base, todo, notes[0])
             continue
         xs, target, gout = made
         dirty = False
         for p in providers:
-            p_modes = [m for m in modes if (p, m) in todo]
+            p_modes = modes_to_run(run, p, modes, todo, base, f"ce {p.name} {dt} N={n} V={v}")
             if not p_modes:
-                continue
-            if run.over_budget():
-                run.skipped.append(f"ce {p.name} {dt} N={n} V={v}")
-                continue
-            note = availability(p, device)
-            if note:
-                for m in p_modes:
-                    run.emit(dict(base, provider=p.name, mode=m, note=note))
                 continue
             if dirty:  # an in-place provider left gradients in the logits: fresh ones
                 with torch.no_grad():
@@ -484,8 +501,7 @@ def run_ce(run, shapes, providers, modes):
             notes = []
             loss_fn = attempt(p.make, notes, "")
             if loss_fn is None:
-                for m in p_modes:
-                    run.emit(dict(base, provider=p.name, mode=m, note=notes[0]))
+                emit_notes(run, base, [(p, m) for m in p_modes], notes[0])
                 continue
             path = softmax_ce_path(xs[0]) if p.name.startswith("softmax_ce") else ""
             for m in p_modes:
@@ -516,12 +532,9 @@ def run_linear(run, shapes, providers, modes):
     args, device = run.args, run.device
     for dt, n, v, d in itertools.product(shapes["dtypes"], shapes["rows"], shapes["vocab"],
                                          shapes["hidden"]):
-        todo = [(p, m) for p in providers for m in modes
-                if ("linear", p.name, m, dt, str(n), str(v), str(d)) not in run.done]
+        todo = shape_todo(run, providers, modes, ("linear", dt, n, v, d),
+                          f"linear {dt} N={n} V={v} D={d}")
         if not todo:
-            continue
-        if run.over_budget():
-            run.skipped.append(f"linear {dt} N={n} V={v} D={d}")
             continue
         dtype = C.torch_dtype(dt)
         b = torch.empty((), dtype=dtype).element_size()
@@ -541,21 +554,13 @@ def run_linear(run, shapes, providers, modes):
             notes, "inputs: ")
         if made is None:
             free_memory(device)
-            for p, m in todo:
-                run.emit(dict(base, provider=p.name, mode=m, note=notes[0]))
+            emit_notes(run, base, todo, notes[0])
             continue
         x, w, target, gout = made
         for p in providers:
-            p_modes = [m for m in modes if (p, m) in todo]
+            p_modes = modes_to_run(run, p, modes, todo, base,
+                                   f"linear {p.name} {dt} N={n} V={v} D={d}")
             if not p_modes:
-                continue
-            if run.over_budget():
-                run.skipped.append(f"linear {p.name} {dt} N={n} V={v} D={d}")
-                continue
-            note = availability(p, device)
-            if note:
-                for m in p_modes:
-                    run.emit(dict(base, provider=p.name, mode=m, note=note))
                 continue
             notes = []
             made = attempt(lambda: (p.make(), torch.randn(n, v, generator=gen, device=device,
@@ -563,8 +568,7 @@ def run_linear(run, shapes, providers, modes):
                            notes, "")
             if made is None:
                 free_memory(device)
-                for m in p_modes:
-                    run.emit(dict(base, provider=p.name, mode=m, note=notes[0]))
+                emit_notes(run, base, [(p, m) for m in p_modes], notes[0])
                 continue
             loss_fn, g = made
             for m in p_modes:

@@ -33,12 +33,22 @@ From Python, ``main([...])`` returns the rows as a list of dicts and
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
+# registered before it runs, since dataclasses look their module up in sys.modules
+_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
+if _spec.name not in sys.modules:
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_spec.name])
+C = sys.modules[_spec.name]
 
 # ----------------------------------------------------------------------------
 # What is measured
@@ -73,56 +83,8 @@ RESULT_MARK = "CPU_MEMORY_RESULT "
 
 
 # ----------------------------------------------------------------------------
-# Resident memory (Linux /proc)
+# Resident memory (Linux /proc; the RSS readings are C.rss_kib / C.peak_rss_kib)
 # ----------------------------------------------------------------------------
-
-def _rss_kib():
-    with open("/proc/self/statm") as f:
-        resident_pages = int(f.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _peak_rss_kib():
-    """This process's resident high-water mark, KiB.
-
-    ru_maxrss is max(this address space's high-water mark, the signal struct's
-    maxrss), and exec folds the spawning process's address space into the latter,
-    so a fresh child starts with ru_maxrss at least its parent's peak.  VmHWM is
-    the address space's own mark (the one clear_refs resets); ru_maxrss is the
-    fallback where /proc has no VmHWM.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak_rss() -> bool:
-    """Lower the high-water mark to the current RSS (Linux >= 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
-
 
 def mem_total_gib():
     try:
@@ -176,15 +138,15 @@ def measure(provider, rows, vocab, hidden):
 
     h, w, target = _lm_head_inputs(rows, vocab, hidden)
     gc.collect()
-    can_reset = _reset_peak_rss()
-    base = _rss_kib()
-    before = _peak_rss_kib()
+    can_reset = C.reset_peak_rss()
+    base = C.rss_kib()
+    before = C.peak_rss_kib()
     t0 = time.perf_counter()
     loss = _train_step(fn, h, w, target)
     seconds = time.perf_counter() - t0
-    peak = _peak_rss_kib()
+    peak = C.peak_rss_kib()
     import resource
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # for the record; see _peak_rss_kib
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # for the record; see C.peak_rss
     # Without a reset, an earlier high-water mark can hide the step's peak.
     known = can_reset or peak > before
     return dict(
@@ -242,7 +204,7 @@ def header(args, chunk_elements):
     return "\n".join([
         "softmax_ce CPU memory bar: logits = hidden @ head.T; loss = provider(logits, target); "
         "loss.backward()",
-        f"cpu: {cpu_model()} ({os.cpu_count()} cores"
+        f"cpu: {C.cpu_model()} ({os.cpu_count()} cores"
         + (f", {ram:.1f} GiB RAM)" if ram else ")")
         + f" | torch {torch.__version__} | TRITON_INTERPRET=0 in the children",
         f"shape: N={args.rows} V={args.vocab} D={args.hidden}, fp32 | logits "
@@ -262,14 +224,7 @@ def format_table(rows):
         cells.append([r["provider"], num(r["extra_mib"], "{:.1f}"), num(r["ratio"], "{:.3f}"),
                       "-" if r["limit"] is None else f"< {r['limit']:g}", r["result"],
                       num(r["loss"], "{:.6f}"), num(r["seconds"], "{:.2f}")])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(titles))]
-    out = []
-    for k, c in enumerate(cells):
-        out.append("  ".join(s.ljust(wd) if i in (0, 3, 4) else s.rjust(wd)
-                             for i, (s, wd) in enumerate(zip(c, widths))))
-        if k == 0:
-            out.append("  ".join("-" * wd for wd in widths))
-    return "\n".join(out)
+    return C.layout_table(cells, left=(0, 3, 4))
 
 
 def exit_code(rows) -> int:

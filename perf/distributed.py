@@ -39,6 +39,7 @@ From Python, ``main([...])`` returns the rows (list of dicts) it printed.
 
 import argparse
 import csv
+import importlib.util
 import multiprocessing
 import os
 import socket
@@ -47,10 +48,19 @@ import sys
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
+# registered before it runs, since dataclasses look their module up in sys.modules
+_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
+if _spec.name not in sys.modules:
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_spec.name])
+C = sys.modules[_spec.name]
+
+DTYPES = {short: C.torch_dtype(short) for short in C.DTYPE_NAMES}
 
 DEFAULTS = {
     "cuda": dict(rows=8192, vocab=128256, hidden=4096, dtype="bf16", repeats=20, warmup=3),
@@ -344,14 +354,7 @@ def _format_table(rows, cols):
     cells = [[title for _, title, _ in cols]]
     for r in rows:
         cells.append([("n/a" if r.get(k) is None else fmt.format(r[k])) for k, _, fmt in cols])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    out = []
-    for j, row in enumerate(cells):
-        out.append("  ".join(s.ljust(w) if i < 2 else s.rjust(w)
-                             for i, (s, w) in enumerate(zip(row, widths))))
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return C.layout_table(cells, left=(0, 1))
 
 
 TIME_COLS = [
@@ -390,26 +393,8 @@ def parse_args(argv):
 
 
 def _versions():
-    from importlib import metadata
-    out = [f"torch {torch.__version__}"]
-    for pkg in ("triton", "softmax_ce"):
-        try:
-            out.append(f"{pkg} {metadata.version(pkg)}")
-        except metadata.PackageNotFoundError:
-            out.append(f"{pkg} not installed")
-    return " | ".join(out)
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
+    return " | ".join([f"torch {torch.__version__}"]
+                      + [f"{pkg} {C.package_version(pkg)}" for pkg in ("triton", "softmax_ce")])
 
 
 def main(argv=None):
@@ -435,8 +420,7 @@ def main(argv=None):
         skipped = []
         cores = os.cpu_count() or 1
         cfg.update(backend="gloo", env={"TRITON_INTERPRET": "1" if args.interpret else "0"})
-        load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-        device_label = f"CPU ({_cpu_model()}, {cores} cores{load})"
+        device_label = f"CPU ({C.cpu_description(cores, load_label='load average')})"
 
     header = [
         "softmax_ce vocabulary-parallel loss: forward + backward per step, "

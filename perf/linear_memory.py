@@ -33,15 +33,24 @@ From Python, `main([...])` returns the measured rows (a list of dicts).
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
+# registered before it runs, since dataclasses look their module up in sys.modules
+_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
+if _spec.name not in sys.modules:
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_spec.name])
+C = sys.modules[_spec.name]
 
 LIMIT_GIB = 0.35
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = C.MMAP_THRESHOLD
 RESULT_MARK = "LINEAR_MEMORY_RESULT "
 
 # name -> (TRITON_INTERPRET value, is a softmax_ce path held to the limit)
@@ -50,38 +59,6 @@ PROVIDERS = {
     "softmax_ce cpu": ("0", True),
     "torch unfused": ("0", False),
 }
-
-
-# ----------------------------------------------------------------------------
-# Memory readings (Linux /proc; ru_maxrss as the fallback)
-# ----------------------------------------------------------------------------
-
-def rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        resident_pages = int(f.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def peak_rss_kib():
-    """-> (KiB, source): VmHWM where /proc has it, else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]), "VmHWM"
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------
@@ -133,13 +110,13 @@ def child(args):
     del xs, ws, ts
     gc.collect()
 
-    can_reset = reset_peak_rss()
-    base = rss_kib()
-    peak_before, source = peak_rss_kib()
+    can_reset = C.reset_peak_rss()
+    base = C.rss_kib()
+    peak_before, source = C.peak_rss()  # (KiB, "VmHWM" or "ru_maxrss")
     t0 = time.perf_counter()
     loss = step(fn, x, w, t)
     wall = time.perf_counter() - t0
-    peak, source = peak_rss_kib()
+    peak, source = C.peak_rss()
     if not can_reset and peak <= peak_before:
         peak_mib = None  # an earlier high-water mark hides this step's
     else:
@@ -190,37 +167,13 @@ def run_provider(args, provider):
                 error=f"subprocess rc {proc.returncode}: {proc.stderr.strip()[-1500:]}")
 
 
-def versions():
-    import importlib.metadata as md
-    out = {}
-    for pkg in ("torch", "triton"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def cpu_description():
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def header(args):
-    v = versions()
+    v = {pkg: C.package_version(pkg) for pkg in ("torch", "triton")}  # no import in the parent
     gib = lambda n: n * 4 / 2**30  # noqa: E731  fp32 bytes
     n, d, vocab = args.rows, args.hidden, args.vocab
     return "\n".join([
         "softmax_ce linear_cross_entropy: peak CPU memory of forward + backward, reduction=mean",
-        f"device: cpu ({cpu_description()}) | torch {v['torch']} | triton {v['triton']}",
+        f"device: cpu ({C.cpu_description()}) | torch {v['torch']} | triton {v['triton']}",
         f"shape: N={n} D={d} V={vocab} fp32 | x {gib(n * d) * 1024:.2f} MiB, "
         f"W {gib(vocab * d) * 1024:.1f} MiB (each again for its gradient) | "
         f"fp32 N x V logits would be {gib(n * vocab):.3f} GiB",
@@ -244,14 +197,7 @@ def format_table(rows):
             "-" if r.get("wall_s") is None else f"{r['wall_s']:.1f}",
             "-" if r.get("loss") is None else f"{r['loss']:.6f}",
         ])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(titles))]
-    lines = []
-    for k, c in enumerate(cells):
-        lines.append("  ".join(s.ljust(w) if i < 2 else s.rjust(w)
-                               for i, (s, w) in enumerate(zip(c, widths))))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return C.layout_table(cells, left=(0, 1))
 
 
 def judge(row, limit_mib):

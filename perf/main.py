@@ -35,6 +35,7 @@ From Python, ``main([...])`` returns the measured rows as a list of dicts and
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -42,17 +43,26 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import softmax_ce
 
+# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
+# registered before it runs, since dataclasses look their module up in sys.modules
+_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
+if _spec.name not in sys.modules:
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_spec.name])
+C = sys.modules[_spec.name]
+
 # ----------------------------------------------------------------------------
 # What is measured
 # ----------------------------------------------------------------------------
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {short: C.torch_dtype(short) for short in C.DTYPE_NAMES}
 
 # Defaults by where softmax_ce runs.  The CPU one finishes in seconds on 2 cores;
 # the interpreter runs every Triton op through NumPy, so it gets a tiny shape.
@@ -99,7 +109,6 @@ TOLERANCES = {
 REF_CHUNK_ELEMENTS = 1 << 24
 
 RSS_MARK = "RSS_RESULT "
-MMAP_THRESHOLD = 1 << 20  # bytes; see cpu_peak_mb
 
 
 # ----------------------------------------------------------------------------
@@ -110,32 +119,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_version() -> str:
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return "not installed"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     # CPU times swing with whatever else runs: the load average says how busy it was
-    load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    return f"{cpu_model()}, {torch.get_num_threads()} threads{load}"
+    return f"{C.cpu_model()}, {torch.get_num_threads()} threads{C.load_average()}"
 
 
 def softmax_ce_path(logits: torch.Tensor) -> str:
@@ -265,59 +253,22 @@ def cuda_peak_mb(fn, provider, logits, target, grad_out, device):
     return peak / 2**20
 
 
-def _rss_kib():
-    with open("/proc/self/statm") as f:
-        resident_pages = int(f.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _peak_rss_kib():
-    """This process's resident high-water mark, KiB.
-
-    ru_maxrss is max(this address space's high-water mark, the signal struct's
-    maxrss), and exec folds the *parent's* mm into the latter (the child is forked
-    or vforked from it), so a fresh subprocess starts with ru_maxrss at least the
-    spawning process's peak: here that is the parent holding the logits and the
-    reference.  VmHWM is the address space's own mark, the one clear_refs resets;
-    fall back to ru_maxrss where /proc has no VmHWM.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak_rss() -> bool:
-    """Lower this process's high-water mark to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def rss_child(args, provider):
     """In a fresh process: peak RSS of one step beyond its inputs, in MB (None if unknowable)."""
     device = torch.device("cpu")
     logits, target, grad_out = make_inputs(args.rows, args.vocab, DTYPES[args.dtype],
                                            args.reduction, device)
     fn = loss_fn(provider, args.reduction)
-    can_reset = _reset_peak_rss()
+    can_reset = C.reset_peak_rss()
     if can_reset:  # a steady-state step, like the CUDA measurement: lazy inits done first
         step(fn, prepare(provider, logits), target, grad_out)
     x = prepare(provider, logits)
     gc.collect()
-    _reset_peak_rss()
-    base = _rss_kib()
-    before = _peak_rss_kib()
+    C.reset_peak_rss()
+    base = C.rss_kib()
+    before = C.peak_rss_kib()  # VmHWM, not ru_maxrss: see C.peak_rss
     out = step(fn, x, target, grad_out)
-    peak = _peak_rss_kib()
+    peak = C.peak_rss_kib()
     del out
     # Without a reset, an earlier high-water mark (import, inputs) can hide the step's.
     if not can_reset and peak <= before:
@@ -335,7 +286,7 @@ def cpu_peak_mb(argv, provider):
     # chunk-sized temporaries would vanish from the delta.  A fixed 1 MiB mmap
     # threshold returns every freed buffer at once: the delta then counts what the
     # step holds live, like torch.cuda.max_memory_allocated.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(C.MMAP_THRESHOLD))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(RSS_MARK):
@@ -402,7 +353,7 @@ def header(args, device, logits):
         f"grad_output={g}",
         f"device: {device} ({device_name(device)}) | dtype: {args.dtype} | logits: "
         f"{args.rows} x {args.vocab} ({mib:.1f} MiB) | torch {torch.__version__} | "
-        f"triton {triton_version()}",
+        f"triton {C.triton_version()}",
         f"softmax_ce path: {softmax_ce_path(logits)} | "
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}",
         f"time: median of {args.repeats} after {args.warmup} warm-up ({timing}) | "
@@ -425,14 +376,7 @@ def format_table(rows):
             else:
                 line.append("n/a" if v is None else fmt.format(v))
         cells.append(line)
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    out = []
-    for k, row in enumerate(cells):
-        out.append("  ".join(s.ljust(w) if i == 0 else s.rjust(w)
-                             for i, (s, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return C.layout_table(cells)
 
 
 def exit_code(rows) -> int:

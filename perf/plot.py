@@ -37,6 +37,7 @@ From Python, ``main([csv, ...])`` returns the list of written PNG paths.
 """
 
 import argparse
+import importlib.util
 import statistics
 import sys
 from collections import defaultdict
@@ -48,20 +49,13 @@ matplotlib.use("Agg")  # files only: no display on the GPU machine or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _load_common():
-    import importlib.util
-
-    name = "softmax_ce_perf_common"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-C = _load_common()
+# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
+# registered before it runs, since dataclasses look their module up in sys.modules
+_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
+if _spec.name not in sys.modules:
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_spec.name])
+C = sys.modules[_spec.name]
 
 # Datasheet peaks by a substring of the lowercased device name; the first match wins
 # (so "h100 pcie" is tried before "h100").  GB/s of HBM, TFLOP/s fp32 without tensor
