@@ -466,8 +466,9 @@ def main(argv=None):
     if rows:
         sent = rows[0]["ours_fwd_sent_B_per_row"]
         print(f"ours: one all-gather of {sent:.0f} B per row per forward ({sent / 4:.0f} fp32 "
-              f"sent, w times that received), plus a one-time all-gather of the slice sizes per "
-              f"(group, slice size) (in the warm-up: {rows[0]['setup_collectives']} extra call); "
+              f"sent, w times that received, plus one slice-check row per call), and a one-time "
+              f"all-gather of the slice sizes per group (in the warm-up: "
+              f"{rows[0]['setup_collectives']} extra call); "
               f"'1 all-gather ms' / '3 all-reduce ms': those collectives alone for N rows.")
     if args.csv:
         with open(args.csv, "w", newline="") as f:

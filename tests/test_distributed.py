@@ -325,9 +325,10 @@ def check_ce_dtensor_empty_shard(C):
 def check_ce_slice_cache_two_vocabularies(C):
     """One group, two vocabulary partitions in which each rank's slice size recurs.
 
-    The offsets are cached per (group, slice size): in the third call every rank finds
-    its size in the cache (so no rank calls the all-gather and nothing hangs), but the
-    cached offset / vocabulary size belong to another partition."""
+    Slice sizes are cached per group, so after a new partition some ranks' cached sizes no
+    longer match their slices; the statistics all-gather's check row tells every rank at
+    once, and all of them redo the step with fresh sizes: right results, no rank waiting
+    alone in a collective the others skip."""
     phases = ({2: [3, 4], 3: [3, 4, 5]}, {2: [4, 3], 3: [5, 3, 4]}, {2: [3, 3], 3: [3, 3, 4]})
     C.reset_slice_cache()
     for i, phase in enumerate(phases):
