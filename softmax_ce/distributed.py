@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _launch, _launch_linear, _ops
-from .functional import _coefficients, _fail
+from .functional import _check_target_range, _coefficients, _fail
 
 # columns of the gathered per-row statistics
 _MAX, _LOGD, _TARGET, _SMOOTH, _SWY, _OWNER, _WT, _WSLICE = range(8)
@@ -62,6 +62,7 @@ def _gather_sizes(group, n_local: int, device: torch.device) -> List[int]:
     device = _collective_device(group, device)
     sizes = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
     _all_gather(sizes, torch.full((1,), n_local, dtype=torch.int64, device=device), group=group)
+    # a host synchronisation, but once per group: the sizes are cached by gather_statistics
     return sizes.tolist()
 
 
@@ -109,14 +110,9 @@ def forget_slices() -> None:
 
 
 def _check_targets(target2, ignore_index, n_global, api):
+    """Class targets in [0, V) of the whole vocabulary, or ignore_index (as unsharded)."""
     valid = target2.long() != ignore_index  # int64: uint8 would wrap -100 to 156
-    bad = valid & ((target2 < 0) | (target2 >= n_global))
-    msg = (f"softmax_ce.{api}: target holds a class outside [0, {n_global}) that is not "
-           f"ignore_index={ignore_index}")
-    if target2.is_cuda or torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), msg)
-    elif bool(bad.any()):
-        raise IndexError(msg)
+    _check_target_range(target2, valid, n_global, ignore_index, api)
 
 
 def _local_targets(target2, offset, n_local, ignore_index):
