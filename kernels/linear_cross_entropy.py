@@ -60,9 +60,13 @@ def lce_interpreter_config(n_rows: int, n_vocab: int, dim: int):
 
 
 @triton.jit
-def _tile_ids(n_rows, n_vocab, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
-    """Grouped launch order: GROUP_N row blocks sweep the vocabulary together, so a
-    tile of W stays in L2 while those row blocks use it."""
+def _tile_coords(n_rows, n_vocab, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 GROUP_N: tl.constexpr):
+    """This program's tile: its row and vocabulary blocks, row and column indices (int64)
+    and masks.
+
+    Grouped launch order: GROUP_N row blocks sweep the vocabulary together, so a tile of
+    W stays in L2 while those row blocks use it."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(n_rows, BLOCK_N)
     num_pid_v = tl.cdiv(n_vocab, BLOCK_V)
@@ -72,7 +76,9 @@ def _tile_ids(n_rows, n_vocab, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GRO
     group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
     pid_n = first_n + (pid % per_group) % group_size
     pid_v = (pid % per_group) // group_size
-    return pid_n, pid_v
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    vcols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return pid_n, pid_v, rows, vcols, rows < n_rows, vcols < n_vocab
 
 
 @triton.jit
@@ -132,11 +138,8 @@ def lce_fwd_kernel(
     DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 inputs (torch's default), "tf32" otherwise
     UPCAST_DOT: tl.constexpr,      # interpreter only: its tl.dot multiplies bf16 bit patterns
 ):
-    pid_n, pid_v = _tile_ids(n_rows, n_vocab, BLOCK_N, BLOCK_V, GROUP_N)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    vcols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < n_rows
-    col_mask = vcols < n_vocab
+    pid_n, pid_v, rows, vcols, row_mask, col_mask = _tile_coords(n_rows, n_vocab, BLOCK_N,
+                                                                 BLOCK_V, GROUP_N)
 
     z, th = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
                          stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
@@ -208,11 +211,8 @@ def lce_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    pid_n, pid_v = _tile_ids(n_rows, n_vocab, BLOCK_N, BLOCK_V, GROUP_N)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    vcols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < n_rows
-    col_mask = vcols < n_vocab
+    pid_n, pid_v, rows, vcols, row_mask, col_mask = _tile_coords(n_rows, n_vocab, BLOCK_N,
+                                                                 BLOCK_V, GROUP_N)
 
     z, th = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
                          stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
