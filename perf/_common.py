@@ -454,3 +454,13 @@ def layout_table(cells, left=(0,)) -> str:
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def int_list(s):
+    """argparse type: "1,2,3" -> (1, 2, 3)."""
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def name_list(s):
+    """argparse type: "a, b" -> ("a", "b")."""
+    return tuple(x.strip() for x in s.split(",") if x.strip())

@@ -637,22 +637,14 @@ def write_table(path, dev_name, entries, prov, args):
 # Driver
 # ----------------------------------------------------------------------------
 
-def _ints(s):
-    return tuple(int(x) for x in s.split(",") if x.strip())
-
-
-def _names(s):
-    return tuple(x.strip() for x in s.split(",") if x.strip())
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--kernels", type=_names, help=f"comma list of {', '.join(KERNELS)} "
+    p.add_argument("--kernels", type=C.name_list, help=f"comma list of {', '.join(KERNELS)} "
                                                   f"(default the ce kernels; + lce with --linear)")
     p.add_argument("--linear", action="store_true", help="also tune lce_fwd and lce_bwd")
-    p.add_argument("--vocab", type=_ints, help="comma list (also the LCE vocabularies)")
-    p.add_argument("--dtypes", type=_names, help="comma list of bf16, fp16, fp32")
+    p.add_argument("--vocab", type=C.int_list, help="comma list (also the LCE vocabularies)")
+    p.add_argument("--dtypes", type=C.name_list, help="comma list of bf16, fp16, fp32")
     p.add_argument("--rows", type=int, help=f"logit rows of the CE trials (default {ROWS})")
     p.add_argument("--lce-rows", type=int, help=f"rows of the LCE trials (default {LCE_ROWS})")
     p.add_argument("--hidden", type=int, help=f"D of the LCE trials (default {LCE_HIDDEN})")

@@ -724,25 +724,17 @@ def print_tables(rows):
 # Driver
 # ----------------------------------------------------------------------------
 
-def _ints(s):
-    return tuple(int(x) for x in s.split(",") if x.strip())
-
-
-def _names(s):
-    return tuple(x.strip() for x in s.split(",") if x.strip())
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", type=_names, default=("ce", "linear"), help="ce,linear")
-    p.add_argument("--vocab", type=_ints, help="comma list; overrides both sections' table")
-    p.add_argument("--rows", type=_ints, help="comma list of N (tokens)")
-    p.add_argument("--hidden", type=_ints, help="comma list of D (linear section)")
-    p.add_argument("--dtypes", type=_names, help=f"comma list of {sorted(C.DTYPE_NAMES)}")
-    p.add_argument("--providers", type=_names,
+    p.add_argument("--sections", type=C.name_list, default=("ce", "linear"), help="ce,linear")
+    p.add_argument("--vocab", type=C.int_list, help="comma list; overrides both sections' table")
+    p.add_argument("--rows", type=C.int_list, help="comma list of N (tokens)")
+    p.add_argument("--hidden", type=C.int_list, help="comma list of D (linear section)")
+    p.add_argument("--dtypes", type=C.name_list, help=f"comma list of {sorted(C.DTYPE_NAMES)}")
+    p.add_argument("--providers", type=C.name_list,
                    help=f"comma list of {', '.join([*CE_PROVIDERS, *LINEAR_PROVIDERS])}")
-    p.add_argument("--modes", type=_names, default=MODES, help=",".join(MODES))
+    p.add_argument("--modes", type=C.name_list, default=MODES, help=",".join(MODES))
     p.add_argument("--quick", action="store_true", help="the goal shapes only")
     p.add_argument("--csv", help="CSV to append to (default perf/results/<gpu-key>/bench.csv)")
     p.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth buffer "
