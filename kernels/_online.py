@@ -33,9 +33,44 @@ def to_store_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def load_logits(row_ptr, offs, mask, stride_col, softcap, HAS_SOFTCAP: tl.constexpr):
-    """One tile of a row as fp32, softcapped when asked; lanes past the row are -inf."""
-    z = tl.load(row_ptr + offs * stride_col, mask=mask, other=float("-inf")).to(tl.float32)
+def row_split(first, n_cols, VEC: tl.constexpr):
+    """Where a row's 16-byte accesses can start and end.
+
+    first: the flat offset (in elements, from the tensor's base pointer) of the row's
+    first element; VEC: elements per 16 bytes when the row's columns are contiguous, else
+    1 (the host decides, see cross_entropy.vec_width).  Returns (body0, n_head, n_body):
+    columns [n_head, n_head + n_body) sit at flat offsets body0, body0 + 1, ..., where
+    body0 is a multiple of VEC (and says so to the compiler) and n_body is one too, so a
+    tile of the body has a mask that is constant over each group of VEC lanes.  With
+    the base pointer 16-byte aligned (Triton specialises on that), every body access is
+    then a 16-byte vector, whatever the row length; without this a row length that is
+    not a multiple of VEC (50257, say) puts every row but some off the 16-byte grid and
+    Triton falls back to 2-byte accesses for the whole row.  The head (< VEC columns
+    before the body) and the tail (< VEC after it) are the edge tile (edge_cols)."""
+    lead = ((VEC - first % VEC) % VEC).to(tl.int32)
+    body0 = first + lead
+    # int32 column counts (first is int64): int64 lane indices would double the
+    # registers of every column-index tensor in the caller's loop
+    n_head = tl.minimum(lead, n_cols)
+    n_body = (n_cols - n_head) // VEC * VEC
+    return tl.multiple_of(body0, VEC), n_head, n_body
+
+
+@triton.jit
+def edge_cols(n_head, n_body, n_cols, VEC: tl.constexpr):
+    """The columns a row_split body leaves out: lanes [0, VEC) hold the head, lanes
+    [VEC, 2 VEC) the tail; (columns, mask)."""
+    lane = tl.arange(0, 2 * VEC)
+    tail = n_head + n_body + (lane - VEC)
+    cols = tl.where(lane < VEC, lane, tail)
+    mask = tl.where(lane < VEC, lane < n_head, tail < n_cols)
+    return cols, mask
+
+
+@triton.jit
+def load_logits(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    """One tile of logits as fp32, softcapped when asked; lanes off the mask are -inf."""
+    z = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
     if HAS_SOFTCAP:
         z = softcap * tanh_f32(z / softcap)
         # tanh(-inf / cap) = -1 would turn the padding lanes into -cap
@@ -59,7 +94,7 @@ def online_softmax_update(m, d, z):
 
 @triton.jit
 def grad_tile(
-    row_ptr, offs, mask, stride_col,      # logits of this row
+    zptrs, cols, mask,                    # this tile's logits, their column indices
     weight_ptr,                           # (n_cols,) fp32 class weights
     tgt_row_ptr, stride_tgt_col, target,  # probability row, or the class index
     shift, log_d, s_coef, alpha, beta, softcap,   # per-row fp32 scalars
@@ -78,20 +113,20 @@ def grad_tile(
     The subtraction is done in fp32 and rounded once on store, so the target
     entry s - 1 (about -1e-3 for a confident model) keeps its precision in bf16.
     """
-    z = tl.load(row_ptr + offs * stride_col, mask=mask, other=float("-inf")).to(tl.float32)
+    z = tl.load(zptrs, mask=mask, other=float("-inf")).to(tl.float32)
     if HAS_SOFTCAP:
         th = tanh_f32(z / softcap)
         z = softcap * th
     g = s_coef * tl.exp((z - shift) - log_d)
     if HAS_WEIGHT:
-        w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     if PROB_TARGET:
-        y = tl.load(tgt_row_ptr + offs * stride_tgt_col, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(tgt_row_ptr + cols * stride_tgt_col, mask=mask, other=0.0).to(tl.float32)
         if HAS_WEIGHT:
             y = y * w
         g -= alpha * y
     else:
-        g -= tl.where(offs == target, alpha, 0.0)
+        g -= tl.where(cols == target, alpha, 0.0)
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             g -= beta * w
@@ -104,28 +139,47 @@ def grad_tile(
 
 @triton.jit
 def write_grad_row(
-    logits_row, stride_col, grad_row, stride_grad_col,   # this row's logits and gradient
+    logits_ptr, first, stride_col,        # the logits: base, this row's flat offset, column stride
+    grad_ptr, gfirst, stride_grad_col,    # the gradient, alike
     weight_ptr, tgt_row_ptr, stride_tgt_col, target, n_cols,
     shift, log_d, s_coef, alpha, beta, softcap,           # per-row fp32 scalars
-    BLOCK_V: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, GRAD_VEC: tl.constexpr,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Stream one row's gradient: read each logit once, write each gradient once.
 
-    An ignored row (all coefficients 0) has a zero gradient: its logits are not read
-    at all (a masked-off load moves no bytes), only zeros are written.  Each tile is
-    read before it is written, so grad_row may be logits_row (in place)."""
+    The row is walked as row_split says, so logits move in 16-byte vectors; the
+    gradient's body is stored in 16-byte vectors too when its rows sit on the 16-byte
+    grid alike (GRAD_VEC == VEC: the host checked that the two row strides agree modulo
+    VEC), else element by element.  An ignored row (all coefficients 0) has a zero
+    gradient: its logits are not read at all (a masked-off load moves no bytes), only
+    zeros are written.  Each tile is read before it is written, so the gradient may be
+    the logits (in place)."""
     active = (s_coef != 0.0) | (alpha != 0.0)
     if HAS_SMOOTHING:
         active = active | (beta != 0.0)
-    n_read = tl.where(active, n_cols, 0)
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        g = grad_tile(logits_row, offs, offs < n_read, stride_col, weight_ptr,
+    body0, n_head, n_body = row_split(first, n_cols, VEC)
+    gbody0 = tl.multiple_of(gfirst + n_head * stride_grad_col, GRAD_VEC)
+    n_read = tl.where(active, n_body, 0)
+    lane = tl.arange(0, BLOCK_V)
+    for start in range(0, n_body, BLOCK_V):
+        j = start + lane
+        mask = j < n_body
+        g = grad_tile(logits_ptr + body0 + j * stride_col, n_head + j, j < n_read, weight_ptr,
                       tgt_row_ptr, stride_tgt_col, target,
                       shift, log_d, s_coef, alpha, beta, softcap,
                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
         g = tl.where(active, g, 0.0)
-        tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g, grad_row.dtype.element_ty),
-                 mask=offs < n_cols)
+        tl.store(grad_ptr + gbody0 + j * stride_grad_col,
+                 to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
+    if n_body < n_cols:
+        cols, mask = edge_cols(n_head, n_body, n_cols, VEC)
+        read = mask & (cols < tl.where(active, n_cols, 0))
+        g = grad_tile(logits_ptr + first + cols * stride_col, cols, read, weight_ptr,
+                      tgt_row_ptr, stride_tgt_col, target,
+                      shift, log_d, s_coef, alpha, beta, softcap,
+                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        g = tl.where(active, g, 0.0)
+        tl.store(grad_ptr + gfirst + cols * stride_grad_col,
+                 to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)

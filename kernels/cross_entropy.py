@@ -30,7 +30,11 @@ then backward), and 2b (grad_output == 1) or 4b (any other scalar) with the
 fused one.  Probability targets add one read of the target per pass.
 
 Each kernel handles one row per program, walking it in tiles of BLOCK_V; row
-offsets are int64 because n_rows * V passes 2**31 at LLM scale.
+offsets are int64 because n_rows * V passes 2**31 at LLM scale.  A row is walked
+as a body that starts and ends on the 16-byte grid, in 16-byte vector accesses, and
+an edge tile of the fewer than 2 * VEC elements around it (_online.row_split), so a
+row of 50257 bf16 logits (not a multiple of 16 bytes) moves in the same 16-byte
+accesses as one of 50304.
 """
 
 import os
@@ -38,7 +42,8 @@ import os
 import triton
 import triton.language as tl
 
-from ._online import load_logits, online_softmax_update, to_store_dtype, write_grad_row
+from ._online import (edge_cols, load_logits, online_softmax_update, row_split, to_store_dtype,
+                      write_grad_row)
 
 
 def interpreting() -> bool:
@@ -77,6 +82,23 @@ def scale_configs():
     return [triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv in (2048, 4096, 8192) for nw in (4, 8)]
 
 
+def vec_width(t) -> int:
+    """The kernels' VEC for a 2-D tensor: elements per 16 bytes when its columns are
+    contiguous (8 for bf16, 4 for fp32), else 1 (no vector accesses)."""
+    return 16 // t.element_size() if t.stride(1) == 1 or t.shape[1] <= 1 else 1
+
+
+def grad_vec_width(logits, grad) -> int:
+    """GRAD_VEC: the logits' VEC when the gradient's rows start at the same offset modulo
+    VEC as the logits' rows (always for a contiguous pair, and in place), else 1.  The
+    kernels split each row where the logits cross the 16-byte grid, so the gradient's
+    vector stores need the same crossing points."""
+    vec = vec_width(logits)
+    if grad is None or vec == 1 or vec_width(grad) != vec:
+        return 1
+    return vec if (grad.stride(0) - logits.stride(0)) % vec == 0 else 1
+
+
 def interpreter_block(n_cols: int) -> int:
     # Large tiles make the interpreter (one NumPy call per op and tile) fast.
     return max(16, min(4096, triton.next_power_of_2(n_cols)))
@@ -85,6 +107,34 @@ def interpreter_block(n_cols: int) -> int:
 # ----------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------
+
+@triton.jit
+def _stats_tile(m, d, s_w, s_wz, s_wy, s_wyz, zptrs, cols, mask, ref, softcap,
+                weight_ptr, tgt_row, stride_target_col,
+                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """ce_fwd_kernel's pass 1 over one tile: the online (m, d) and the linear sums."""
+    z = load_logits(zptrs, mask, softcap, HAS_SOFTCAP)
+    m, d = online_softmax_update(m, d, z)
+    if HAS_SMOOTHING or PROB_TARGET:
+        zc = tl.where(mask, z - ref, 0.0)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                s_w += tl.sum(w, axis=0)
+                s_wz += tl.sum(w * zc, axis=0)
+            else:
+                s_wz += tl.sum(zc, axis=0)
+        if PROB_TARGET:
+            y = tl.load(tgt_row + cols * stride_target_col, mask=mask, other=0.0).to(tl.float32)
+            if HAS_WEIGHT:
+                y = y * w
+            s_wy += tl.sum(y, axis=0)
+            # y = 0 on a masked (-inf) logit contributes 0, not 0 * -inf
+            s_wyz += tl.sum(tl.where(y != 0.0, y * zc, 0.0), axis=0)
+    return m, d, s_w, s_wz, s_wy, s_wyz
+
 
 @triton.jit
 def ce_fwd_kernel(
@@ -118,11 +168,14 @@ def ce_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     WRITE_STATS: tl.constexpr,
+    VEC: tl.constexpr,       # elements per 16 bytes of the logits, 1 if columns are strided
+    GRAD_VEC: tl.constexpr,  # VEC if the gradient's rows sit on the 16-byte grid alike, else 1
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * stride_logits_row
+    first = row * stride_logits_row
+    logits_row = logits_ptr + first
     tgt_row = target_ptr + row * stride_target_row
-    cols = tl.arange(0, BLOCK_V)
+    lane = tl.arange(0, BLOCK_V)
 
     alpha = tl.load(alpha_ptr + row)
     beta = 0.0
@@ -142,39 +195,32 @@ def ce_fwd_kernel(
     NEED_SUMS: tl.constexpr = HAS_SMOOTHING or PROB_TARGET
     ref = 0.0
     if NEED_SUMS:
-        z0 = load_logits(logits_row, cols, cols < n_cols, stride_logits_col, softcap, HAS_SOFTCAP)
+        z0 = load_logits(logits_row + lane * stride_logits_col, lane < n_cols, softcap, HAS_SOFTCAP)
         ref = tl.max(z0, axis=0)
         ref = tl.where((ref == float("-inf")) | (ref != ref), 0.0, ref)
 
     # ---- pass 1: online softmax statistics, read each logit once ----------
+    # The row is walked as row_split says: an aligned body in 16-byte vectors, then
+    # the few columns around it (none when the row starts and ends on the grid).
     m = float("-inf")
     d = 0.0
     s_w = 0.0      # sum w           (smoothing with weights)
     s_wz = 0.0     # sum w (z' - ref)
     s_wy = 0.0     # sum w y         (probability targets)
     s_wyz = 0.0    # sum w y (z' - ref)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        mask = offs < n_cols
-        z = load_logits(logits_row, offs, mask, stride_logits_col, softcap, HAS_SOFTCAP)
-        m, d = online_softmax_update(m, d, z)
-        if NEED_SUMS:
-            zc = tl.where(mask, z - ref, 0.0)
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    s_w += tl.sum(w, axis=0)
-                    s_wz += tl.sum(w * zc, axis=0)
-                else:
-                    s_wz += tl.sum(zc, axis=0)
-            if PROB_TARGET:
-                y = tl.load(tgt_row + offs * stride_target_col, mask=mask, other=0.0).to(tl.float32)
-                if HAS_WEIGHT:
-                    y = y * w
-                s_wy += tl.sum(y, axis=0)
-                # y = 0 on a masked (-inf) logit contributes 0, not 0 * -inf
-                s_wyz += tl.sum(tl.where(y != 0.0, y * zc, 0.0), axis=0)
+    body0, n_head, n_body = row_split(first, n_cols, VEC)
+    for start in range(0, n_body, BLOCK_V):
+        j = start + lane
+        m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
+            m, d, s_w, s_wz, s_wy, s_wyz, logits_ptr + body0 + j * stride_logits_col,
+            n_head + j, j < n_body, ref, softcap, weight_ptr, tgt_row, stride_target_col,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+    if n_body < n_cols:
+        cols, mask = edge_cols(n_head, n_body, n_cols, VEC)
+        m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
+            m, d, s_w, s_wz, s_wy, s_wyz, logits_row + cols * stride_logits_col,
+            cols, mask, ref, softcap, weight_ptr, tgt_row, stride_target_col,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 
     shift = tl.where(m == float("-inf"), 0.0, m)
     log_d = tl.log(d)
@@ -187,8 +233,8 @@ def ce_fwd_kernel(
         dlse = alpha * s_wy
     else:
         in_range = (target >= 0) & (target < n_cols)
-        z_t = load_logits(logits_row, tl.where(in_range, target, 0), in_range,
-                          stride_logits_col, softcap, HAS_SOFTCAP)
+        z_t = load_logits(logits_row + tl.where(in_range, target, 0) * stride_logits_col,
+                          in_range, softcap, HAS_SOFTCAP)
         z_t = tl.where(in_range, z_t, shift)  # a target elsewhere: keep the math finite
         # (m - z_t) + log d rather than lse - z_t: exact when z_t is the max,
         # which keeps a confident model's small loss accurate
@@ -220,10 +266,11 @@ def ce_fwd_kernel(
 
     # ---- pass 2 (fused strategy): the gradient for grad_output = 1 ---------
     if WRITE_GRAD:
-        write_grad_row(logits_row, stride_logits_col, grad_ptr + row * stride_grad_row,
-                       stride_grad_col, weight_ptr, tgt_row, stride_target_col, target, n_cols,
+        write_grad_row(logits_ptr, first, stride_logits_col,
+                       grad_ptr, row * stride_grad_row, stride_grad_col,
+                       weight_ptr, tgt_row, stride_target_col, target, n_cols,
                        shift, log_d, dlse, alpha, beta, softcap,
-                       BLOCK_V, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                       BLOCK_V, VEC, GRAD_VEC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -252,11 +299,11 @@ def ce_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    VEC: tl.constexpr,       # as in ce_fwd_kernel
+    GRAD_VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * stride_logits_row
     tgt_row = target_ptr + row * stride_target_row
-    grad_row = grad_ptr + row * stride_grad_row
 
     shift = tl.load(max_ptr + row)
     log_d = tl.load(logd_ptr + row)
@@ -269,10 +316,11 @@ def ce_bwd_kernel(
     if not PROB_TARGET:
         target = tl.load(tgt_row).to(tl.int64)
 
-    write_grad_row(logits_row, stride_logits_col, grad_row, stride_grad_col, weight_ptr,
-                   tgt_row, stride_target_col, target, n_cols,
+    write_grad_row(logits_ptr, row * stride_logits_row, stride_logits_col,
+                   grad_ptr, row * stride_grad_row, stride_grad_col,
+                   weight_ptr, tgt_row, stride_target_col, target, n_cols,
                    shift, log_d, s_coef, alpha, beta, softcap,
-                   BLOCK_V, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                   BLOCK_V, VEC, GRAD_VEC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -283,18 +331,27 @@ def ce_scale_kernel(
     stride_grad_row, stride_grad_col,
     stride_scale,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,       # elements per 16 bytes of the gradient, 1 if columns are strided
 ):
     """grad *= grad_output, skipping rows whose factor is exactly 1 (then no byte moves)."""
     row = tl.program_id(0).to(tl.int64)
-    grad_row = grad_ptr + row * stride_grad_row
+    first = row * stride_grad_row
     scale = tl.load(scale_ptr + row * stride_scale)
-    cols = tl.arange(0, BLOCK_V)
-    n_touch = tl.where(scale != 1.0, n_cols, 0)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        mask = offs < n_touch
-        g = tl.load(grad_row + offs * stride_grad_col, mask=mask, other=0.0).to(tl.float32)
-        tl.store(grad_row + offs * stride_grad_col, to_store_dtype(g * scale, grad_ptr.dtype.element_ty), mask=mask)
+    body0, n_head, n_body = row_split(first, n_cols, VEC)
+    n_touch = tl.where(scale != 1.0, n_body, 0)
+    lane = tl.arange(0, BLOCK_V)
+    for start in range(0, n_touch, BLOCK_V):
+        j = start + lane
+        ptrs = grad_ptr + body0 + j * stride_grad_col
+        mask = j < n_touch
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, to_store_dtype(g * scale, grad_ptr.dtype.element_ty), mask=mask)
+    if (n_body < n_cols) & (scale != 1.0):
+        cols, mask = edge_cols(n_head, n_body, n_cols, VEC)
+        ptrs = grad_ptr + first + cols * stride_grad_col
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, to_store_dtype(g * scale, grad_ptr.dtype.element_ty), mask=mask)
+
 
 
 _DECORATED_FOR_INTERPRETER = type(ce_fwd_kernel).__name__ == "InterpretedFunction"

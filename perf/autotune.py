@@ -289,8 +289,12 @@ class CEProblem:
             values = dict(grad_ptr=g, scale_ptr=self.scale, n_cols=self.v,
                           stride_grad_row=g.stride(0), stride_grad_col=g.stride(1),
                           stride_scale=self.scale.stride(0))
+            flags.update(VEC=CE.vec_width(g))
         else:
             write_grad = kernel == "ce_bwd" or flags.get("WRITE_GRAD", False)
+            # the 16-byte access widths, as the launcher (softmax_ce/_launch.py) sets them
+            flags.update(VEC=CE.vec_width(x),
+                         GRAD_VEC=CE.grad_vec_width(x, out_grad if write_grad else None))
             gs = out_grad.stride() if write_grad else (0, 0)
             values = dict(
                 logits_ptr=x, target_ptr=self.target, n_cols=self.v,

@@ -69,6 +69,8 @@ def _fwd_triton(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse,
         HAS_SOFTCAP=softcap is not None,
         WRITE_GRAD=grad is not None,
         WRITE_STATS=stats is not None,
+        VEC=K.vec_width(logits),
+        GRAD_VEC=K.grad_vec_width(logits, grad),
     )
     args = (
         logits, target,
@@ -98,6 +100,8 @@ def _bwd_triton(logits, target, weight, mx, logd, s_coef, alpha, beta, grad, pro
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=beta is not None,
         HAS_SOFTCAP=softcap is not None,
+        VEC=K.vec_width(logits),
+        GRAD_VEC=K.grad_vec_width(logits, grad),
     )
     args = (
         logits, target,
@@ -120,7 +124,8 @@ def _bwd_triton(logits, target, weight, mx, logd, s_coef, alpha, beta, grad, pro
 def _scale_triton(grad, scale):
     n_rows, n_cols = grad.shape
     args = (grad, scale, n_cols, grad.stride(0), grad.stride(1), scale.stride(0))
-    run_kernel("ce_scale", K.ce_scale_kernel, K.ce_scale_tuned, lambda meta: (n_rows,), args, {},
+    run_kernel("ce_scale", K.ce_scale_kernel, K.ce_scale_tuned, lambda meta: (n_rows,), args,
+               dict(VEC=K.vec_width(grad)),
                grad.device, n_cols, grad.dtype, dict(BLOCK_V=K.interpreter_block(n_cols), num_warps=4))
 
 

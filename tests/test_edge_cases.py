@@ -369,6 +369,10 @@ POISON_SHAPES = {
     "transposed": ((37, 6), lambda r: r.t()),
     "strided": ((8, 75), lambda r: r[::2, 1::2]),
     "1d": ((37,), lambda r: r),
+    # rows whose starts fall at every offset from the 16-byte grid: the kernels' head /
+    # aligned body / tail split of a row (a body of several tiles on the 16-wide path)
+    "odd-rows": ((8, 45), lambda r: r),
+    "window": ((8, 61), lambda r: r[:, 5:50]),
 }
 
 

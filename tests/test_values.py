@@ -23,6 +23,9 @@ SHAPES = {
     "transposed": ((9, 5), lambda r: r.t()),            # (5, 9), column-major
     "strided": ((8, 27), lambda r: r[::2, 1::2]),      # (4, 13), row and column stride 2
     "btv": ((2, 3, 127), lambda r: r.reshape(-1, 127)),  # (B, T, V) -> (B*T, V)
+    # (6, 35) from column 3 of rows of 41: rows start off the 16-byte grid, each at
+    # another offset, and the gradient's (contiguous) rows cross it elsewhere
+    "window": ((6, 41), lambda r: r[:, 3:38]),
 }
 # Views whose target is made non-contiguous too (a strided index vector, a
 # transposed probability matrix).
