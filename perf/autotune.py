@@ -211,6 +211,28 @@ def launch_args(kernel_name, raw, values, flags, meta, placeholder):
     return args, kwargs
 
 
+@dataclass
+class Call:
+    """One launch of a raw kernel, every argument bound: calling it launches the kernel;
+    compile() only compiles it, for the current driver's target (perf/compile_report.py
+    binds a driver that compiles for a GPU without one).  Both specialise on the same
+    tensors, so a report on a call describes the binary a launch would run."""
+    raw: object
+    grid: tuple
+    args: list
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    def __call__(self):
+        self.raw[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                            num_stages=self.num_stages)
+
+    def compile(self):
+        return self.raw.warmup(*self.args, **self.constexprs, num_warps=self.num_warps,
+                               num_stages=self.num_stages, grid=self.grid)
+
+
 def config_dict(cfg) -> dict:
     """A triton.Config as the tuned table stores it: meta-parameters + num_warps/num_stages."""
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -310,10 +332,7 @@ class CEProblem:
                 values.update(max_ptr=self.ref_mx, logd_ptr=self.ref_logd,
                               s_coef_ptr=self.s_coef, alpha_ptr=self.alpha_b)
         args, kwargs = launch_args(kernel, spec.raw, values, flags, meta, self.alpha)
-        raw, grid = spec.raw, (self.n,)
-
-        def launch():
-            raw[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kwargs)
+        launch = Call(spec.raw, (self.n,), args, {**meta, **kwargs}, cfg.num_warps, cfg.num_stages)
 
         def restore_grad():  # any values will do as the gradient to rescale: the logits'
             self.grad.copy_(self.pristine)
@@ -418,12 +437,8 @@ class LCEProblem:
                 self.dx.zero_()
                 self.dw.zero_()
         args, kwargs = launch_args(kernel, spec.raw, values, flags, meta, self.alpha)
-        raw = spec.raw
         grid = (triton.cdiv(self.n, meta["BLOCK_N"]) * triton.cdiv(self.v, meta["BLOCK_V"]),)
-
-        def launch():
-            raw[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kwargs)
-
+        launch = Call(spec.raw, grid, args, {**meta, **kwargs}, cfg.num_warps, cfg.num_stages)
         return launch, setup, lambda: self.check(kernel), self.n * self.v * self.d
 
     def check(self, kernel) -> bool:
