@@ -20,6 +20,8 @@ Columns of the CSV (perf/results/static-sm<arch>/compile-triton<version>.csv):
     dynamic + static shared memory),
     blocks_per_sm / occupancy (resident warps / 64) from the sm_90 limits below,
     ld / st / atom: global accesses as "<bits>x<count>" (128x2 = two 16-byte loads),
+    sass: counts of machine instructions from the cubin (HGMMA: Hopper tensor cores,
+    LDG128 / STG128 / LDGSTS128: 16-byte accesses, LDL / STL: local memory),
     problems: "local" (a stack frame or local memory, i.e. spilled registers), "smem" (more
     than one block's maximum), "compile" (an error).
 
@@ -89,7 +91,7 @@ EXTRA_VARIANTS = {
 
 COLUMNS = ["triton", "arch", "kernel", "variant", "dtype", "vocab", "config", "BLOCK_V", "BLOCK_N",
            "BLOCK_D", "GROUP_N", "num_warps", "num_stages", "status", "regs", "local_bytes",
-           "stack_bytes", "smem_bytes", "blocks_per_sm", "occupancy", "ld", "st", "atom",
+           "stack_bytes", "smem_bytes", "blocks_per_sm", "occupancy", "ld", "st", "atom", "sass",
            "problems", "compile_s", "git_sha"]
 
 
@@ -120,15 +122,32 @@ def _cuobjdump() -> str:
     return str(path)
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """REG, STACK, SHARED, LOCAL of the cubin's one function, from `cuobjdump -res-usage`."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG, STACK, SHARED, LOCAL of the cubin's one function, from `cuobjdump -res-usage`."""
+    out = cuobjdump(cubin, "-res-usage")
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out.split("Function", 1)[-1]))
     return {k: int(v) for k, v in fields.items()}
+
+
+# Machine instructions worth counting in the SASS: the tensor-core path (HGMMA is
+# Hopper's wgmma; HMMA the older mma.sync), 16-byte global loads and stores, and local
+# memory traffic (spills that actually execute).
+SASS_OPS = {"HGMMA": r"HGMMA", "HMMA": r"HMMA", "LDG128": r"LDG\.E\.128",
+            "STG128": r"STG\.E\.128", "LDGSTS128": r"LDGSTS\.E(?:\.\w+)*\.128",
+            "LDL": r"LDL", "STL": r"STL"}
+
+
+def sass_counts(cubin: bytes) -> dict:
+    sass = cuobjdump(cubin, "-sass")
+    return {name: len(re.findall(rf"\b{pat}\b", sass)) for name, pat in SASS_OPS.items()}
 
 
 _ACCESS = re.compile(r"\b(ld|st|atom|red)\.global((?:\.[\w:]+)*)")
@@ -176,6 +195,7 @@ def compile_row(call, base: dict, lim=SM90) -> dict:
     smem = int(getattr(kernel.metadata, "shared", 0) or 0) + res.get("SHARED", 0)
     blocks, occ = occupancy(res.get("REG", 0), smem, call.num_warps, lim)
     widths = access_widths(kernel.asm["ptx"])
+    sass = sass_counts(kernel.asm["cubin"])
     problems = []
     if res.get("LOCAL", 0) or res.get("STACK", 0):
         problems.append("local")  # a stack frame or local memory: spilled registers
@@ -184,7 +204,8 @@ def compile_row(call, base: dict, lim=SM90) -> dict:
     row.update(status="ok", regs=res.get("REG"), local_bytes=res.get("LOCAL", 0),
                stack_bytes=res.get("STACK", 0), smem_bytes=smem, blocks_per_sm=blocks,
                occupancy=round(occ, 3), ld=fmt_widths(widths["ld"]), st=fmt_widths(widths["st"]),
-               atom=fmt_widths(widths["atom"]), problems=" ".join(problems))
+               atom=fmt_widths(widths["atom"]),
+               sass=" ".join(f"{k}:{v}" for k, v in sass.items() if v), problems=" ".join(problems))
     return row
 
 

@@ -6,7 +6,8 @@ subprocess (this process has Triton's interpreter on).  What is asserted is what
 memory-bound kernel needs and what the interpreter cannot show:
 
 * every kernel compiles for sm_90, in every variant the package launches;
-* the streaming kernels spill nothing and fit their shared memory;
+* the streaming kernels spill nothing and fit their shared memory, and the linear
+  kernels' matmuls run on Hopper's tensor cores (HGMMA in the machine code);
 * their logits loads and gradient stores are 16-byte vectors, for a vocabulary that
   is a multiple of 16 and for one that is not (50257: every other row starts off the
   16-byte grid); and the same report on element-wise launches (VEC=1) finds none,
@@ -45,6 +46,11 @@ def widths(cell: str) -> set:
     return {int(part.split("x")[0]) for part in cell.split()}
 
 
+def sass(cell: str) -> dict:
+    """'HGMMA:4 LDG128:2' -> {'HGMMA': 4, 'LDG128': 2}"""
+    return {k: int(v) for k, v in (part.split(":") for part in cell.split())}
+
+
 @pytest.fixture(scope="module")
 def ce_rows(tmp_path_factory):
     return report(tmp_path_factory.mktemp("ce"), "--kernels", CE, "--dtypes", "bf16,fp32",
@@ -66,8 +72,10 @@ def test_streaming_kernels_move_16_byte_vectors(ce_rows):
     for r in ce_rows:
         what = f"{r['kernel']}/{r['variant']} {r['dtype']} V={r['vocab']}"
         assert 128 in widths(r["ld"]), f"{what}: no 16-byte load in {r['ld']!r}"
+        assert sass(r["sass"]).get("LDG128", 0) > 0, f"{what}: no LDG.E.128 in {r['sass']!r}"
         if (r["kernel"], r["variant"]) in WRITES_GRAD:
             assert 128 in widths(r["st"]), f"{what}: no 16-byte store in {r['st']!r}"
+            assert sass(r["sass"]).get("STG128", 0) > 0, f"{what}: no STG.E.128 in {r['sass']!r}"
 
 
 def test_element_wise_launches_have_no_vectors(tmp_path):
@@ -77,6 +85,7 @@ def test_element_wise_launches_have_no_vectors(tmp_path):
     assert rows and all(r["status"] == "ok" for r in rows)
     for r in rows:
         assert 128 not in widths(r["ld"]), f"{r['kernel']}/{r['variant']}: {r['ld']}"
+        assert "LDG128" not in sass(r["sass"]), f"{r['kernel']}/{r['variant']}: {r['sass']}"
 
 
 def test_linear_kernels_compile_and_fit(tmp_path):
@@ -88,3 +97,6 @@ def test_linear_kernels_compile_and_fit(tmp_path):
         assert r["status"] == "ok", f"{what}: {r['status']}"
         assert "smem" not in r["problems"], f"{what}: shared memory {r['smem_bytes']}"
         assert r["blocks_per_sm"] >= 1, what
+        # the tiles' matmuls run on Hopper's tensor cores (wgmma), fed by 16-byte copies
+        assert sass(r["sass"]).get("HGMMA", 0) > 0, f"{what}: no HGMMA in {r['sass']!r}"
+        assert sass(r["sass"]).get("LDGSTS128", 0) > 0, f"{what}: {r['sass']!r}"
