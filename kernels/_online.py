@@ -94,7 +94,7 @@ def online_softmax_update(m, d, z):
 
 @triton.jit
 def grad_tile(
-    zptrs, cols, mask,                    # this tile's logits, their column indices
+    zptrs, cols, mask, active,            # this tile's logits, their column indices; is the row live
     weight_ptr,                           # (n_cols,) fp32 class weights
     tgt_row_ptr, stride_tgt_col, target,  # probability row, or the class index
     shift, log_d, s_coef, alpha, beta, softcap,   # per-row fp32 scalars
@@ -134,7 +134,8 @@ def grad_tile(
             g -= beta
     if HAS_SOFTCAP:
         g = g * (1.0 - th * th)
-    return g
+    # an ignored row's gradient is 0, even where its (unread) logits were nan
+    return tl.where(active, g, 0.0)
 
 
 @triton.jit
@@ -166,20 +167,18 @@ def write_grad_row(
     for start in range(0, n_body, BLOCK_V):
         j = start + lane
         mask = j < n_body
-        g = grad_tile(logits_ptr + body0 + j * stride_col, n_head + j, j < n_read, weight_ptr,
-                      tgt_row_ptr, stride_tgt_col, target,
+        g = grad_tile(logits_ptr + body0 + j * stride_col, n_head + j, j < n_read, active,
+                      weight_ptr, tgt_row_ptr, stride_tgt_col, target,
                       shift, log_d, s_coef, alpha, beta, softcap,
                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        g = tl.where(active, g, 0.0)
         tl.store(grad_ptr + gbody0 + j * stride_grad_col,
                  to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
     if n_body < n_cols:
         cols, mask = edge_cols(n_head, n_body, n_cols, VEC)
         read = mask & (cols < tl.where(active, n_cols, 0))
-        g = grad_tile(logits_ptr + first + cols * stride_col, cols, read, weight_ptr,
-                      tgt_row_ptr, stride_tgt_col, target,
+        g = grad_tile(logits_ptr + first + cols * stride_col, cols, read, active,
+                      weight_ptr, tgt_row_ptr, stride_tgt_col, target,
                       shift, log_d, s_coef, alpha, beta, softcap,
                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        g = tl.where(active, g, 0.0)
         tl.store(grad_ptr + gfirst + cols * stride_grad_col,
                  to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
