@@ -33,20 +33,43 @@ import triton.language as tl
 from ._online import tanh_f32
 
 
-def lce_configs():
-    """Tile shapes for both LCE kernels (bf16 tensor-core matmul tiles)."""
+# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) per kernel and input class.  Each
+# one was compiled for sm_90 with Triton 3.6 and 3.9 by perf/compile_report.py (the CSVs
+# are in perf/results/static-sm90/) and kept only if it uses no local memory and fits one
+# block's shared memory in every variant; e.g. the backward's 128x256 and 256x128 tiles
+# need 273 KiB of shared memory (the limit is 227 KiB), and 128x128x32 with 4 warps spills.
+# 16-bit inputs run the tiles' matmuls on the tensor cores (wgmma); fp32 inputs without
+# TF32 on FMA units, whose accumulators live in registers: smaller tiles.
+_TILES = {
+    ("fwd", "tensor_core"): [(128, 128, 64, 8, 3), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4)],
+    ("bwd", "tensor_core"): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (64, 128, 64, 8, 3),
+                             (128, 128, 32, 8, 3), (64, 64, 64, 4, 3)],
+    ("fwd", "fp32"): [(64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    ("bwd", "fp32"): [(64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (32, 32, 32, 4, 2)],
+}
+
+
+def _input_class(dtype) -> str:
+    return "fp32" if "float32" in str(dtype) else "tensor_core"
+
+
+def lce_configs(kernel: str = "fwd", dtype=None):
+    """Tile configs of lce_fwd_kernel ("fwd") or lce_bwd_kernel ("bwd") for inputs of
+    `dtype` (a torch or Triton dtype); every input class's configs when dtype is None."""
+    classes = ("tensor_core", "fp32") if dtype is None else (_input_class(dtype),)
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 8},
                       num_warps=nw, num_stages=ns)
-        for bn, bv, bd, nw, ns in [
-            (128, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
-            (64, 256, 64, 8, 4),
-            (128, 128, 32, 4, 4),
-            (64, 128, 64, 4, 4),
-            (256, 128, 64, 8, 3),
-        ]
+        for c in classes for bn, bv, bd, nw, ns in _TILES[(kernel, c)]
     ]
+
+
+def _prune_to_dtype(kernel: str):
+    """triton.autotune's early_config_prune: only the configs for the inputs' dtype."""
+    def prune(configs, named_args, **kwargs):
+        keep = {repr(c.all_kwargs()) for c in lce_configs(kernel, named_args["x_ptr"].dtype)}
+        return [c for c in configs if repr(c.all_kwargs()) in keep]
+    return prune
 
 
 def lce_interpreter_config(n_rows: int, n_vocab: int, dim: int):
@@ -268,8 +291,10 @@ _KEY = ["n_vocab", "dim", "HAS_BIAS", "HAS_CLASS_WEIGHT", "HAS_SMOOTHING", "HAS_
 
 # The forward accumulates into its outputs (running m, d, sum w z', locks), so
 # tuning trials must start from the same state each time.
-lce_fwd_tuned = triton.autotune(configs=lce_configs(), key=_KEY,
+lce_fwd_tuned = triton.autotune(configs=lce_configs("fwd"), key=_KEY,
+                                prune_configs_by={"early_config_prune": _prune_to_dtype("fwd")},
                                 restore_value=["m_ptr", "d_ptr", "swz_ptr", "lock_ptr"])(lce_fwd_kernel)
-lce_bwd_tuned = triton.autotune(configs=lce_configs(),
+lce_bwd_tuned = triton.autotune(configs=lce_configs("bwd"),
                                 key=_KEY + ["COMPUTE_DX", "COMPUTE_DW", "COMPUTE_DB"],
+                                prune_configs_by={"early_config_prune": _prune_to_dtype("bwd")},
                                 reset_to_zero=["dx_ptr", "dw_ptr", "db_ptr"])(lce_bwd_kernel)

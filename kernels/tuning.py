@@ -50,12 +50,17 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def heuristic(kernel: str, n_cols: int) -> dict:
-    """A config for devices without a table; chosen by reasoning, not by measurement:
+def heuristic(kernel: str, n_cols: int, dtype=None) -> dict:
+    """A config for devices without a table; chosen by reasoning, not by timing:
     streaming kernels want >= 8 elements per thread per tile and a tile that covers the
-    row when it is short; the LCE kernels use a standard bf16 tensor-core tile."""
+    row when it is short; the LCE kernels take the first tile of their list for the
+    dtype (a standard tensor-core tile for 16-bit inputs, a small FMA tile for fp32;
+    both compile for sm_90 without spilling, see perf/results/static-sm90/)."""
     if kernel in ("lce_fwd", "lce_bwd"):
-        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
+        from .linear_cross_entropy import lce_configs
+
+        cfg = lce_configs(kernel[4:], dtype)[0]
+        return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     block = max(256, min(4096, triton.next_power_of_2(n_cols)))
     warps = max(1, min(8, block // 512))
     return dict(BLOCK_V=block, num_warps=warps, num_stages=2 if kernel != "ce_scale" else 1)
@@ -78,7 +83,7 @@ def config_for(kernel: str, device, n_cols: int, dtype) -> Optional[dict]:
         return dict(entry) if entry is not None else None
     if os.environ.get("SOFTMAX_CE_AUTOTUNE", "0") not in ("", "0"):
         return None
-    return heuristic(kernel, n_cols)
+    return heuristic(kernel, n_cols, dtype)
 
 
 def split_meta(config: dict):

@@ -132,9 +132,12 @@ class Variant:
 @dataclass(frozen=True)
 class KernelSpec:
     raw: object             # the @triton.jit kernel
-    configs: object         # () -> [triton.Config]
+    configs: object         # () -> [triton.Config]; the LCE kernels' take the inputs' dtype
     variants: tuple
     linear: bool = False
+
+    def config_list(self, dtype):
+        return self.configs(dtype) if self.linear else self.configs()
 
 
 KERNELS = {
@@ -150,10 +153,10 @@ KERNELS = {
     "ce_scale": KernelSpec(CE.ce_scale_kernel, CE.scale_configs, (
         Variant("scale", primary=True, inplace=True, bytes=2),
     )),
-    "lce_fwd": KernelSpec(LCE.lce_fwd_kernel, LCE.lce_configs, (
+    "lce_fwd": KernelSpec(LCE.lce_fwd_kernel, lambda dtype=None: LCE.lce_configs("fwd", dtype), (
         Variant("stats", primary=True, flop=2),
     ), linear=True),
-    "lce_bwd": KernelSpec(LCE.lce_bwd_kernel, LCE.lce_configs, (
+    "lce_bwd": KernelSpec(LCE.lce_bwd_kernel, lambda dtype=None: LCE.lce_configs("bwd", dtype), (
         # 6 NVD: the kernel recomputes the logits tile (2) before G W and G^T x (2 + 2)
         Variant("dx_dw", primary=True, flags=dict(COMPUTE_DX=True, COMPUTE_DW=True,
                                                   COMPUTE_DB=False), flop=6),
@@ -543,10 +546,11 @@ class Sweep:
                 print(f"--skip-tuned: {len(groups) - len(kept)} groups already in "
                       f"{self.table_path}", flush=True)
             groups = kept
-        configs = {k: pick_configs(KERNELS[k].configs(), a.max_configs) for k in a.kernels}
+        configs = {(k, dt): pick_configs(KERNELS[k].config_list(C.torch_dtype(dt)), a.max_configs)
+                   for k, dt, _ in groups}
         variants = {k: [vt for vt in KERNELS[k].variants if vt.primary or a.variants == "all"]
                     for k in a.kernels}
-        total = sum(len(configs[k]) * len(variants[k]) for k, _, _ in groups)
+        total = sum(len(configs[(k, dt)]) * len(variants[k]) for k, dt, _ in groups)
         bar = C.Progress(total, "autotune", disable=a.no_progress)
         problems = {}
         try:
@@ -568,7 +572,7 @@ class Sweep:
                             n_rows=problem.n, hidden=a.hidden if spec.linear else "")
                 rows, complete = [], True
                 for variant in variants[kernel]:
-                    for cfg in configs[kernel]:
+                    for cfg in configs[(kernel, dt)]:
                         if self.over_budget():
                             complete = False
                             break

@@ -262,14 +262,15 @@ def parse_args(argv):
     return args
 
 
-def configs_for(kernel: str, v: int, quick: bool):
+def configs_for(kernel: str, v: int, dt: str, quick: bool):
     from softmax_ce.kernels import tuning
 
+    dtype = C.torch_dtype(dt)
     if quick:
-        cfg = tuning.heuristic(kernel, v)
+        cfg = tuning.heuristic(kernel, v, dtype)
         meta, launch = tuning.split_meta(cfg)
         return [triton.Config(meta, **launch)]
-    return AT.KERNELS[kernel].configs()
+    return AT.KERNELS[kernel].config_list(dtype)
 
 
 def main(argv=None):
@@ -277,7 +278,7 @@ def main(argv=None):
     driver.set_active(CompileOnlyDriver(args.arch))
     torch.manual_seed(0)
     work = [(k, vt, dt, v, prob, cfg) for k, vt, dt, v, prob in problems_for(args)
-            for cfg in configs_for(k, v, args.quick)]
+            for cfg in configs_for(k, v, dt, args.quick)]
     print(f"softmax_ce compile report | sm_{args.arch} | triton {triton.__version__} | "
           f"{len(work)} compilations", flush=True)
     base0 = dict(triton=triton.__version__, arch=f"sm_{args.arch}", git_sha=C.git_sha())
