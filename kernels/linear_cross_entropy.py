@@ -35,9 +35,10 @@ from ._online import tanh_f32
 
 # (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) per kernel and input class.  Each
 # one was compiled for sm_90 with Triton 3.6 and 3.9 by perf/compile_report.py (the CSVs
-# are in perf/results/static-sm90/) and kept only if it uses no local memory and fits one
-# block's shared memory in every variant; e.g. the backward's 128x256 and 256x128 tiles
-# need 273 KiB of shared memory (the limit is 227 KiB), and 128x128x32 with 4 warps spills.
+# are in perf/results/static-sm90/) and kept only if it fits one block's shared memory
+# and its plain variants use no local memory (with every option on, some bf16 backward
+# tiles keep a 16-32 byte stack); e.g. the backward's 128x256 and 256x128 tiles need 273
+# KiB of shared memory (the limit is 227 KiB), and 128x128x32 with 4 warps spills.
 # 16-bit inputs run the tiles' matmuls on the tensor cores (wgmma); fp32 inputs without
 # TF32 on FMA units, whose accumulators live in registers: smaller tiles.
 _TILES = {
