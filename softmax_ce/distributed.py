@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _launch, _launch_linear, _ops
-from .functional import _check_target_range, _coefficients, _fail
+from .functional import _check_target_range, _coefficients, _fail, recompute_grad
 
 # columns of the gathered per-row statistics
 _MAX, _LOGD, _TARGET, _SMOOTH, _SWY, _OWNER, _WT, _WSLICE = range(8)
@@ -265,18 +265,12 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
         g = grad_loss.to(dlse.dtype)
         grad = grad_target = None
         if ctx.needs_input_grad[0]:
-            s_coef = g * dlse
-            if grad_lse is not None:
-                s_coef = s_coef + grad_lse
-            args = (local_t, weight, mx, logd, s_coef, g * alpha,
-                    g * beta if beta is not None else None, ctx.prob_target, ctx.softcap)
             if logits.shape[1] == 0:
                 grad = torch.zeros_like(logits)
-            elif ctx.inplace:
-                _ops.bwd_(logits, *args)
-                grad = logits
             else:
-                grad = _ops.bwd(logits, *args)
+                grad = recompute_grad(logits, local_t, weight, mx, logd, dlse, alpha, beta,
+                                      grad_loss, grad_lse, ctx.prob_target, ctx.softcap,
+                                      ctx.inplace)
         if ctx.needs_target_grad:
             # d loss / d y = alpha * w * (lse - z'), this rank's slice of it
             z = ctx.target_grad_logits.to(mx.dtype)

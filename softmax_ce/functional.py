@@ -28,6 +28,23 @@ _REDUCTIONS = ("none", "mean", "sum")
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 
 
+def recompute_grad(logits, target, weight, mx, logd, dlse, alpha, beta, grad_loss, grad_lse,
+                   prob_target, softcap, inplace):
+    """The recompute strategy's backward: d loss / d logits from the forward's saved row
+    statistics and coefficients, written over the logits (inplace) or into a new tensor.
+    Shared by CrossEntropyFunction and the vocabulary-parallel function."""
+    g = grad_loss.to(dlse.dtype)
+    s_coef = g * dlse
+    if grad_lse is not None:
+        s_coef = s_coef + grad_lse
+    args = (target, weight, mx, logd, s_coef, g * alpha, g * beta if beta is not None else None,
+            prob_target, softcap)
+    if inplace:
+        _ops.bwd_(logits, *args)
+        return logits
+    return _ops.bwd(logits, *args)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Autograd over (n_rows, n_cols) logits -> (loss_rows, lse), both (n_rows,) fp32.
 
@@ -78,18 +95,8 @@ class CrossEntropyFunction(torch.autograd.Function):
                 (grad_logits,) = ctx.saved_tensors
                 _ops.scale_(grad_logits, grad_loss.float())
             else:
-                logits, target, weight, mx, logd, dlse, alpha, beta = ctx.saved_tensors
-                g = grad_loss.to(dlse.dtype)
-                s_coef = g * dlse
-                if grad_lse is not None:
-                    s_coef = s_coef + grad_lse
-                args = (target, weight, mx, logd, s_coef, g * alpha,
-                        g * beta if beta is not None else None, ctx.prob_target, ctx.softcap)
-                if ctx.inplace:
-                    _ops.bwd_(logits, *args)
-                    grad_logits = logits
-                else:
-                    grad_logits = _ops.bwd(logits, *args)
+                grad_logits = recompute_grad(*ctx.saved_tensors, grad_loss, grad_lse,
+                                             ctx.prob_target, ctx.softcap, ctx.inplace)
         if ctx.needs_target_grad:
             grad_target = _probability_target_grad(ctx, grad_loss)
         return grad_logits, grad_target, None, None, None, None, None, None, None, None
