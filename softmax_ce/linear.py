@@ -81,7 +81,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
                          reduction: str = "mean", label_smoothing: float = 0.0, *,
                          z_loss: float = 0.0, softcap: Optional[float] = None,
                          shift: bool = False, class_weight: Optional[Tensor] = None,
-                         process_group=None) -> Tensor:
+                         process_group=None, loss_dtype: Optional[torch.dtype] = None) -> Tensor:
     """`cross_entropy(F.linear(input, weight, bias), target, ...)` without the logits.
 
     input: hidden states (..., D); weight: the LM head (V, D); bias: (V,) or None;
@@ -100,6 +100,10 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
         slices, the input gradient is the full one on every rank (all-reduced over the
         group in the backward).  A DTensor weight sharded on dim 0 over a 1-D mesh brings
         its own group.  See softmax_ce.distributed for the communication.
+    loss_dtype: the dtype of the returned loss; by default the input's (fp32 under
+        autocast).  The loss is always accumulated in fp32, so `torch.float32` returns it
+        unrounded for low-precision inputs, as transformers' losses (which upcast the
+        logits) do.
     """
     _check_options(reduction, label_smoothing, z_loss, softcap, api=_API)
     weight, bias, process_group = _unwrap_dtensor_head(weight, bias, process_group)
@@ -111,6 +115,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
         input, weight = input.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
         out_dtype = torch.float32  # autocast runs cross_entropy in fp32
+    if loss_dtype is not None:
+        out_dtype = loss_dtype
 
     n_vocab, dim = weight.shape
     x2 = input.reshape(-1, dim)
