@@ -9,12 +9,22 @@ import triton.language as tl
 
 
 @triton.jit
-def tanh_f32(x):
-    # tanh through exp, valid for the whole fp32 range: exp(2x) overflows to
-    # inf for large x, giving 1 - 0 = 1, and underflows to 0 for very negative
-    # x, giving -1.  Written out because the name of tanh moved between Triton
-    # releases (tl.math / libdevice) and the interpreter has no libdevice.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+def softcap_slope(z, softcap):
+    """z' = softcap * tanh(z / softcap) and its slope dz'/dz = sech^2(z / softcap).
+
+    Both come from one e = exp(-2|u|) in (0, 1], u = z / softcap:
+        tanh|u| = (1 - e) / (1 + e),     sech^2 u = 4 e / (1 + e)^2.
+    The slope is computed from e, never as 1 - tanh^2, which cancels to 0 in fp32 once
+    |u| passes about 9 (there sech^2 < 6e-8, and for |u| = 20 it is 1.7e-17, still a
+    normal fp32 number).  Valid for the whole fp32 range: e underflows to 0 for large
+    |u| (tanh = +-1, slope 0), -inf gives -softcap and slope 0, nan stays nan.  Written
+    out because the name of tanh moved between Triton releases (tl.math / libdevice)
+    and the interpreter has no libdevice."""
+    u = z / softcap
+    e = tl.exp(-2.0 * tl.abs(u))
+    th = (1.0 - e) / (1.0 + e)
+    th = tl.where(u < 0, -th, th)
+    return softcap * th, 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
 @triton.jit
@@ -27,8 +37,15 @@ def to_store_dtype(x, dtype: tl.constexpr):
     """
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        # A NaN is not rounded: adding 0x7FFF to a NaN whose payload fills the mantissa
+        # (0x7FFFFFFF, the canonical NaN of NVIDIA arithmetic) carries into the sign bit
+        # and leaves -0.0.  Every NaN becomes the quiet NaN 0x7FC00000 instead, exactly
+        # representable, so that a truncating conversion (the interpreter's) does not
+        # turn a NaN whose payload sits in the low 16 bits (0x7F800001) into inf either.
+        # (A select of a constant: selecting x itself kept the whole tile live and made
+        # ptxas spill in the all-options kernel.)
+        x = tl.where(x != x, 0x7FC00000, rounded).to(tl.float32, bitcast=True)
     return x.to(dtype)
 
 
@@ -57,10 +74,25 @@ def row_split(first, n_cols, VEC: tl.constexpr):
 
 
 @triton.jit
-def edge_cols(n_head, n_body, n_cols, VEC: tl.constexpr):
+def lanes(BLOCK: tl.constexpr, WIDE_COLS: tl.constexpr):
+    """tl.arange(0, BLOCK) as the column index type: int32, or int64 when WIDE_COLS.
+
+    A column offset is column * column stride.  In int32 that is exact for contiguous
+    rows (the stride is 1) but wraps once (n_cols - 1) * stride reaches 2**31, which a
+    column-strided view such as (W @ h.T).T (stride = n_rows) does at LLM sizes; the
+    host sets WIDE_COLS for exactly those launches (cross_entropy.wide_cols), so the
+    usual launch keeps int32 column indices (half the registers of int64 ones)."""
+    lane = tl.arange(0, BLOCK)
+    if WIDE_COLS:
+        lane = lane.to(tl.int64)
+    return lane
+
+
+@triton.jit
+def edge_cols(n_head, n_body, n_cols, VEC: tl.constexpr, WIDE_COLS: tl.constexpr):
     """The columns a row_split body leaves out: lanes [0, VEC) hold the head, lanes
     [VEC, 2 VEC) the tail; (columns, mask)."""
-    lane = tl.arange(0, 2 * VEC)
+    lane = lanes(2 * VEC, WIDE_COLS)
     tail = n_head + n_body + (lane - VEC)
     cols = tl.where(lane < VEC, lane, tail)
     mask = tl.where(lane < VEC, lane < n_head, tail < n_cols)
@@ -72,7 +104,7 @@ def load_logits(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
     """One tile of logits as fp32, softcapped when asked; lanes off the mask are -inf."""
     z = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
     if HAS_SOFTCAP:
-        z = softcap * tanh_f32(z / softcap)
+        z, _ = softcap_slope(z, softcap)
         # tanh(-inf / cap) = -1 would turn the padding lanes into -cap
         z = tl.where(mask, z, float("-inf"))
     return z
@@ -94,29 +126,27 @@ def online_softmax_update(m, d, z):
 
 @triton.jit
 def grad_tile(
-    zptrs, cols, mask, active,            # this tile's logits, their column indices; is the row live
+    z, cols, mask, active,                # this tile's raw logits (fp32), their column indices; is the row live
     weight_ptr,                           # (n_cols,) fp32 class weights
     tgt_row_ptr, stride_tgt_col, target,  # probability row, or the class index
     shift, log_d, s_coef, alpha, beta, softcap,   # per-row fp32 scalars
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """d loss / d z for one tile, in fp32.
+    """d loss / d z for one tile of logits already in registers, in fp32.
 
     With z' = softcap(z), s = softmax(z') = exp((z' - m) - log d), lse = m + log d.
     m and log d are kept apart: rounding lse itself to fp32 would cost about 1e-3
     relative error in s for rows whose logits are near +-1e4.
         d/dz' = s_coef * s - alpha * onehot(target) - beta * w          (class index)
         d/dz' = s_coef * s - alpha * w * y          - beta * w          (probabilities)
-        d/dz  = d/dz' * (1 - tanh(z / softcap)^2)                       (softcap)
+        d/dz  = d/dz' * sech^2(z / softcap)                              (softcap)
     s_coef, alpha and beta already hold the reduction's scale and grad_output.
     The subtraction is done in fp32 and rounded once on store, so the target
     entry s - 1 (about -1e-3 for a confident model) keeps its precision in bf16.
     """
-    z = tl.load(zptrs, mask=mask, other=float("-inf")).to(tl.float32)
     if HAS_SOFTCAP:
-        th = tanh_f32(z / softcap)
-        z = softcap * th
+        z, slope = softcap_slope(z, softcap)
     g = s_coef * tl.exp((z - shift) - log_d)
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
@@ -133,9 +163,18 @@ def grad_tile(
         else:
             g -= beta
     if HAS_SOFTCAP:
-        g = g * (1.0 - th * th)
+        g = g * slope
     # an ignored row's gradient is 0, even where its (unread) logits were nan
     return tl.where(active, g, 0.0)
+
+
+@triton.jit
+def row_active(s_coef, alpha, beta, HAS_SMOOTHING: tl.constexpr):
+    """A row whose coefficients are all 0 (ignored, or grad_output 0) has a zero gradient."""
+    active = (s_coef != 0.0) | (alpha != 0.0)
+    if HAS_SMOOTHING:
+        active = active | (beta != 0.0)
+    return active
 
 
 @triton.jit
@@ -144,7 +183,8 @@ def write_grad_row(
     grad_ptr, gfirst, stride_grad_col,    # the gradient, alike
     weight_ptr, tgt_row_ptr, stride_tgt_col, target, n_cols,
     shift, log_d, s_coef, alpha, beta, softcap,           # per-row fp32 scalars
-    BLOCK_V: tl.constexpr, VEC: tl.constexpr, GRAD_VEC: tl.constexpr,
+    body_lo,                              # first body column to do (the caller did those before)
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, GRAD_VEC: tl.constexpr, WIDE_COLS: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
@@ -157,26 +197,27 @@ def write_grad_row(
     gradient: its logits are not read at all (a masked-off load moves no bytes), only
     zeros are written.  Each tile is read before it is written, so the gradient may be
     the logits (in place)."""
-    active = (s_coef != 0.0) | (alpha != 0.0)
-    if HAS_SMOOTHING:
-        active = active | (beta != 0.0)
+    active = row_active(s_coef, alpha, beta, HAS_SMOOTHING)
     body0, n_head, n_body = row_split(first, n_cols, VEC)
     gbody0 = tl.multiple_of(gfirst + n_head * stride_grad_col, GRAD_VEC)
     n_read = tl.where(active, n_body, 0)
-    lane = tl.arange(0, BLOCK_V)
-    for start in range(0, n_body, BLOCK_V):
+    lane = lanes(BLOCK_V, WIDE_COLS)
+    for start in range(body_lo, n_body, BLOCK_V):
         j = start + lane
         mask = j < n_body
-        g = grad_tile(logits_ptr + body0 + j * stride_col, n_head + j, j < n_read, active,
+        read = j < n_read
+        z = tl.load(logits_ptr + body0 + j * stride_col, mask=read, other=float("-inf")).to(tl.float32)
+        g = grad_tile(z, n_head + j, read, active,
                       weight_ptr, tgt_row_ptr, stride_tgt_col, target,
                       shift, log_d, s_coef, alpha, beta, softcap,
                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
         tl.store(grad_ptr + gbody0 + j * stride_grad_col,
                  to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
     if n_body < n_cols:
-        cols, mask = edge_cols(n_head, n_body, n_cols, VEC)
+        cols, mask = edge_cols(n_head, n_body, n_cols, VEC, WIDE_COLS)
         read = mask & (cols < tl.where(active, n_cols, 0))
-        g = grad_tile(logits_ptr + first + cols * stride_col, cols, read, active,
+        z = tl.load(logits_ptr + first + cols * stride_col, mask=read, other=float("-inf")).to(tl.float32)
+        g = grad_tile(z, cols, read, active,
                       weight_ptr, tgt_row_ptr, stride_tgt_col, target,
                       shift, log_d, s_coef, alpha, beta, softcap,
                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)

@@ -17,17 +17,24 @@ rows), label smoothing and the reduction's denominator.  The kernels never see
 the reduction or the options as such, only these numbers, so one kernel serves
 every combination torch accepts.
 
-Bytes moved per logit element (b = bytes of the logits' dtype, 2 for bf16):
+Bytes moved per logit element (b = bytes of the logits' dtype, 2 for bf16), counted
+element by element under the interpreter by tests/test_safety.py::test_bytes_per_logit:
 
     ce_fwd_kernel, WRITE_GRAD=False   reads b                      (loss, lse: O(1) per row)
-    ce_fwd_kernel, WRITE_GRAD=True    reads b, writes b            (+ b re-read, from L2 when
-                                                                    the rows in flight fit)
+    ce_fwd_kernel, WRITE_GRAD=True    reads 2b, writes b           rows longer than BLOCK_V
+                                      reads b,  writes b           ONE_TILE: n_cols <= BLOCK_V
     ce_bwd_kernel                     reads b, writes b            (recompute from m, log d)
     ce_scale_kernel                   reads b, writes b            (skipped when grad_output == 1)
 
-so a training step costs 3b per element with the recompute strategy (forward,
-then backward), and 2b (grad_output == 1) or 4b (any other scalar) with the
-fused one.  Probability targets add one read of the target per pass.
+The fused forward's second read of a long row is a second HBM read at LLM sizes, not an
+L2 hit: the default launch keeps about 6 programs per SM, so 132 SMs have ~800 rows in
+flight, 800 x 250 KB (V = 128256 bf16) = 200 MB against a 50-60 MB L2.  A row that fits
+one tile (V <= 8192) stays in registers between the statistics and the gradient and is
+read once.  So a training step costs 3b per element with the recompute strategy
+(forward, then backward), and with the fused one 3b (grad_output == 1, the rescale is
+skipped) or 5b (any other grad_output: loss scaling, gradient accumulation), 2b / 4b for
+one-tile rows: recompute is the default because the usual step has a scaled grad_output.
+Probability targets add one read of the target per pass.
 
 Each kernel handles one row per program, walking it in tiles of BLOCK_V; row
 offsets are int64 because n_rows * V passes 2**31 at LLM scale.  A row is walked
@@ -42,8 +49,8 @@ import os
 import triton
 import triton.language as tl
 
-from ._online import (edge_cols, load_logits, online_softmax_update, row_split, to_store_dtype,
-                      write_grad_row)
+from ._online import (edge_cols, grad_tile, lanes, load_logits, online_softmax_update,
+                      row_active, row_split, softcap_slope, to_store_dtype, write_grad_row)
 
 
 def interpreting() -> bool:
@@ -63,13 +70,29 @@ def interpreting() -> bool:
 # single fixed config below, through the same launcher.
 # ----------------------------------------------------------------------------
 
+MAX_BLOCK_V = 8192  # the largest tile of fwd_configs: rows up to it can be ONE_TILE
+
+
+def one_tile_prune(configs, named_args, **kwargs):
+    """triton.autotune's early_config_prune for ce_fwd: a ONE_TILE launch needs a tile
+    that holds the whole row."""
+    if not kwargs.get("ONE_TILE", False):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_V"] >= named_args["n_cols"]]
+
+
 def fwd_configs():
-    """Configs for ce_fwd_kernel and ce_bwd_kernel: a streaming loop over one row."""
+    """Configs for ce_fwd_kernel and ce_bwd_kernel: a streaming loop over one row.
+
+    No num_stages: the row loop carries its running statistics from tile to tile, so
+    Triton does not software-pipeline it; for sm_90 the binaries of stages 1, 2 and 3
+    are identical in every (kernel, variant, dtype, V, BLOCK_V, warps) group of the
+    compile report (perf/results/static-sm90/compile-*.csv), so tuning over them only
+    tripled the first call's compile time."""
     return [
-        triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=ns)
+        triton.Config({"BLOCK_V": bv}, num_warps=nw)
         for bv in (1024, 2048, 4096, 8192)
         for nw in (4, 8, 16)
-        for ns in (1, 2, 3)
         if bv // (32 * nw) >= 4  # at least 4 elements per thread per tile
     ]
 
@@ -99,6 +122,12 @@ def grad_vec_width(logits, grad) -> int:
     return vec if (grad.stride(0) - logits.stride(0)) % vec == 0 else 1
 
 
+def wide_cols(n_cols: int, *col_strides: int) -> bool:
+    """WIDE_COLS: whether some column offset (n_cols - 1) * stride of the tensors a launch
+    walks by column needs 64 bits (see _online.lanes)."""
+    return max((abs(s) for s in col_strides), default=0) * max(n_cols - 1, 0) >= 2**31
+
+
 def interpreter_block(n_cols: int) -> int:
     # Large tiles make the interpreter (one NumPy call per op and tile) fast.
     return max(16, min(4096, triton.next_power_of_2(n_cols)))
@@ -109,12 +138,12 @@ def interpreter_block(n_cols: int) -> int:
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _stats_tile(m, d, s_w, s_wz, s_wy, s_wyz, zptrs, cols, mask, ref, softcap,
+def _stats_tile(m, d, s_w, s_wz, s_wy, s_wyz, z, cols, mask, ref,
                 weight_ptr, tgt_row, stride_target_col,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """ce_fwd_kernel's pass 1 over one tile: the online (m, d) and the linear sums."""
-    z = load_logits(zptrs, mask, softcap, HAS_SOFTCAP)
+                HAS_SMOOTHING: tl.constexpr):
+    """ce_fwd_kernel's pass 1 over one tile of z' (lanes off the mask -inf): the online
+    (m, d) and the linear sums."""
     m, d = online_softmax_update(m, d, z)
     if HAS_SMOOTHING or PROB_TARGET:
         zc = tl.where(mask, z - ref, 0.0)
@@ -170,12 +199,14 @@ def ce_fwd_kernel(
     WRITE_STATS: tl.constexpr,
     VEC: tl.constexpr,       # elements per 16 bytes of the logits, 1 if columns are strided
     GRAD_VEC: tl.constexpr,  # VEC if the gradient's rows sit on the 16-byte grid alike, else 1
+    WIDE_COLS: tl.constexpr,  # column offsets need int64 (a column stride >= 2**31 / n_cols)
+    ONE_TILE: tl.constexpr = False,  # WRITE_GRAD and n_cols <= BLOCK_V: read the row once
 ):
     row = tl.program_id(0).to(tl.int64)
     first = row * stride_logits_row
     logits_row = logits_ptr + first
     tgt_row = target_ptr + row * stride_target_row
-    lane = tl.arange(0, BLOCK_V)
+    lane = lanes(BLOCK_V, WIDE_COLS)
 
     alpha = tl.load(alpha_ptr + row)
     beta = 0.0
@@ -209,18 +240,36 @@ def ce_fwd_kernel(
     s_wy = 0.0     # sum w y         (probability targets)
     s_wyz = 0.0    # sum w y (z' - ref)
     body0, n_head, n_body = row_split(first, n_cols, VEC)
-    for start in range(0, n_body, BLOCK_V):
+    body_lo = 0
+    if ONE_TILE:
+        # The whole body is one tile (the host checked n_cols <= BLOCK_V): its raw logits
+        # stay in registers, the gradient below is computed from them, and the row is
+        # read from memory once, not twice.  (Only then: keeping a tile live across the
+        # loop of a longer row would cost 20-50 registers and half the occupancy.)
+        j = lane
+        z0_raw = tl.load(logits_ptr + body0 + j * stride_logits_col, mask=j < n_body,
+                         other=float("-inf")).to(tl.float32)
+        z0 = z0_raw
+        if HAS_SOFTCAP:
+            z0, _ = softcap_slope(z0_raw, softcap)
+            z0 = tl.where(j < n_body, z0, float("-inf"))
+        m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
+            m, d, s_w, s_wz, s_wy, s_wyz, z0, n_head + j, j < n_body, ref,
+            weight_ptr, tgt_row, stride_target_col, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+        body_lo = BLOCK_V
+    for start in range(body_lo, n_body, BLOCK_V):
         j = start + lane
+        z = load_logits(logits_ptr + body0 + j * stride_logits_col, j < n_body, softcap,
+                        HAS_SOFTCAP)
         m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
-            m, d, s_w, s_wz, s_wy, s_wyz, logits_ptr + body0 + j * stride_logits_col,
-            n_head + j, j < n_body, ref, softcap, weight_ptr, tgt_row, stride_target_col,
-            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+            m, d, s_w, s_wz, s_wy, s_wyz, z, n_head + j, j < n_body, ref,
+            weight_ptr, tgt_row, stride_target_col, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
     if n_body < n_cols:
-        cols, mask = edge_cols(n_head, n_body, n_cols, VEC)
+        cols, mask = edge_cols(n_head, n_body, n_cols, VEC, WIDE_COLS)
+        z = load_logits(logits_row + cols * stride_logits_col, mask, softcap, HAS_SOFTCAP)
         m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
-            m, d, s_w, s_wz, s_wy, s_wyz, logits_row + cols * stride_logits_col,
-            cols, mask, ref, softcap, weight_ptr, tgt_row, stride_target_col,
-            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+            m, d, s_w, s_wz, s_wy, s_wyz, z, cols, mask, ref,
+            weight_ptr, tgt_row, stride_target_col, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
 
     shift = tl.where(m == float("-inf"), 0.0, m)
     log_d = tl.log(d)
@@ -266,11 +315,27 @@ def ce_fwd_kernel(
 
     # ---- pass 2 (fused strategy): the gradient for grad_output = 1 ---------
     if WRITE_GRAD:
+        grad_lo = 0
+        if ONE_TILE:
+            # the whole body is in registers (z0_raw): no second read of it
+            j = lane
+            active = row_active(dlse, alpha, beta, HAS_SMOOTHING)
+            g = grad_tile(z0_raw, n_head + j, j < tl.where(active, n_body, 0), active,
+                          weight_ptr, tgt_row, stride_target_col, target,
+                          shift, log_d, dlse, alpha, beta, softcap,
+                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+            gfirst = row * stride_grad_row
+            gbody0 = tl.multiple_of(gfirst + n_head * stride_grad_col, GRAD_VEC)
+            tl.store(grad_ptr + gbody0 + j * stride_grad_col,
+                     to_store_dtype(g, grad_ptr.dtype.element_ty), mask=j < n_body)
+            grad_lo = BLOCK_V
+        # the rest of the body, if any, read again; then the edge (< 2 VEC elements)
         write_grad_row(logits_ptr, first, stride_logits_col,
                        grad_ptr, row * stride_grad_row, stride_grad_col,
                        weight_ptr, tgt_row, stride_target_col, target, n_cols,
-                       shift, log_d, dlse, alpha, beta, softcap,
-                       BLOCK_V, VEC, GRAD_VEC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                       shift, log_d, dlse, alpha, beta, softcap, grad_lo,
+                       BLOCK_V, VEC, GRAD_VEC, WIDE_COLS, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
+                       HAS_SOFTCAP)
 
 
 @triton.jit
@@ -301,6 +366,7 @@ def ce_bwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     VEC: tl.constexpr,       # as in ce_fwd_kernel
     GRAD_VEC: tl.constexpr,
+    WIDE_COLS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     tgt_row = target_ptr + row * stride_target_row
@@ -319,8 +385,8 @@ def ce_bwd_kernel(
     write_grad_row(logits_ptr, row * stride_logits_row, stride_logits_col,
                    grad_ptr, row * stride_grad_row, stride_grad_col,
                    weight_ptr, tgt_row, stride_target_col, target, n_cols,
-                   shift, log_d, s_coef, alpha, beta, softcap,
-                   BLOCK_V, VEC, GRAD_VEC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                   shift, log_d, s_coef, alpha, beta, softcap, 0,
+                   BLOCK_V, VEC, GRAD_VEC, WIDE_COLS, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -332,6 +398,7 @@ def ce_scale_kernel(
     stride_scale,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,       # elements per 16 bytes of the gradient, 1 if columns are strided
+    WIDE_COLS: tl.constexpr,  # as in ce_fwd_kernel
 ):
     """grad *= grad_output, skipping rows whose factor is exactly 1 (then no byte moves)."""
     row = tl.program_id(0).to(tl.int64)
@@ -339,7 +406,7 @@ def ce_scale_kernel(
     scale = tl.load(scale_ptr + row * stride_scale)
     body0, n_head, n_body = row_split(first, n_cols, VEC)
     n_touch = tl.where(scale != 1.0, n_body, 0)
-    lane = tl.arange(0, BLOCK_V)
+    lane = lanes(BLOCK_V, WIDE_COLS)
     for start in range(0, n_touch, BLOCK_V):
         j = start + lane
         ptrs = grad_ptr + body0 + j * stride_grad_col
@@ -347,7 +414,7 @@ def ce_scale_kernel(
         g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptrs, to_store_dtype(g * scale, grad_ptr.dtype.element_ty), mask=mask)
     if (n_body < n_cols) & (scale != 1.0):
-        cols, mask = edge_cols(n_head, n_body, n_cols, VEC)
+        cols, mask = edge_cols(n_head, n_body, n_cols, VEC, WIDE_COLS)
         ptrs = grad_ptr + first + cols * stride_grad_col
         g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptrs, to_store_dtype(g * scale, grad_ptr.dtype.element_ty), mask=mask)
@@ -359,17 +426,20 @@ _DECORATED_FOR_INTERPRETER = type(ce_fwd_kernel).__name__ == "InterpretedFunctio
 
 # ----------------------------------------------------------------------------
 # Autotuned entry points (GPU only).  Keys: the vocabulary size and the flags;
-# Triton adds the tensors' dtypes to the key itself.  The in-place variants
-# restore the buffer they overwrite between trials, so tuning never feeds a
-# gradient back in as logits.
+# Triton adds the tensors' dtypes to the key itself.  An in-place launch is never
+# tuned on its own tensors (a trial would overwrite the logits, and restoring them
+# would clone a logits-sized buffer per trial): the launcher tunes these on a few
+# copied rows out of place and reuses the config (softmax_ce._launch.run_kernel).
 # ----------------------------------------------------------------------------
 
 _FWD_KEY = ["n_cols", "PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_ZLOSS", "HAS_SOFTCAP",
-            "WRITE_GRAD", "WRITE_STATS"]
-_BWD_KEY = ["n_cols", "PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"]
+            "WRITE_GRAD", "WRITE_STATS", "VEC", "GRAD_VEC", "WIDE_COLS"]
+_BWD_KEY = ["n_cols", "PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP", "VEC", "GRAD_VEC",
+            "WIDE_COLS"]
 
-ce_fwd_tuned = triton.autotune(configs=fwd_configs(), key=_FWD_KEY)(ce_fwd_kernel)
-ce_fwd_tuned_inplace = triton.autotune(configs=fwd_configs(), key=_FWD_KEY, restore_value=["logits_ptr"])(ce_fwd_kernel)
+ce_fwd_tuned = triton.autotune(configs=fwd_configs(), key=_FWD_KEY + ["ONE_TILE"],
+                               prune_configs_by={"early_config_prune": one_tile_prune})(ce_fwd_kernel)
 ce_bwd_tuned = triton.autotune(configs=bwd_configs(), key=_BWD_KEY)(ce_bwd_kernel)
-ce_bwd_tuned_inplace = triton.autotune(configs=bwd_configs(), key=_BWD_KEY, restore_value=["logits_ptr"])(ce_bwd_kernel)
-ce_scale_tuned = triton.autotune(configs=scale_configs(), key=["n_cols"], restore_value=["grad_ptr"])(ce_scale_kernel)
+# in place by nature; tuned on a copied probe, which restore_value resets between trials
+ce_scale_tuned = triton.autotune(configs=scale_configs(), key=["n_cols", "VEC", "WIDE_COLS"],
+                                 restore_value=["grad_ptr"])(ce_scale_kernel)

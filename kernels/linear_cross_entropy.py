@@ -13,10 +13,14 @@ forward (lce_fwd_kernel), per tile, after the optional softcap z' = c*tanh(z/c):
      same per-row coefficients as the plain cross-entropy (see cross_entropy.py).
 
 backward (lce_bwd_kernel): the tile is recomputed, and with s = exp(z' - lse)
-    G   = (s_coef * s - alpha * onehot(t) - beta * w) * softcap'(z)     (BLOCK_N, BLOCK_V)
+    G   = (s_coef * s - alpha * onehot(t) - beta * w) * sech^2(z/c)     (BLOCK_N, BLOCK_V)
     dx += G  @ W_tile        atomically into an fp32 (N, D) buffer
     dW += G^T @ x_tile       atomically into an fp32 (V, D) buffer
     db += sum_rows G         atomically into an fp32 (V,) buffer
+Every accumulating atomic is relaxed (sem="relaxed"): the sums are read only after
+the kernel ends, and Triton's default acq_rel ordering would put a GPU-wide fence
+(MEMBAR.ALL.GPU) and a cache invalidation around each of them, 16 per D-step.  Only
+the forward's row-block lock keeps acquire/release ordering, which it needs.
 G is rounded to the input dtype for the two tensor-core matmuls (as the unfused
 bf16 path rounds the logits' gradient); every accumulation is fp32.
 
@@ -30,7 +34,7 @@ more (6 N V D in all); the three-matmul floor of an unfused step is 6 N V D.
 import triton
 import triton.language as tl
 
-from ._online import tanh_f32
+from ._online import softcap_slope
 
 
 # (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) per kernel and input class.  Each
@@ -113,7 +117,8 @@ def _logits_tile(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    """z' for one tile in fp32 (padding columns -inf), and tanh(z/c) for the chain rule."""
+    """z' for one tile in fp32 (padding columns -inf), and dz'/dz = sech^2(z/c) for the
+    chain rule (see _online.softcap_slope)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_D)
     for k0 in range(0, dim, BLOCK_D):
@@ -128,12 +133,11 @@ def _logits_tile(
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + vcols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    th = acc  # placeholder of the right type when there is no softcap
+    slope = acc  # placeholder of the right type when there is no softcap
     if HAS_SOFTCAP:
-        th = tanh_f32(acc / softcap)
-        acc = softcap * th
+        acc, slope = softcap_slope(acc, softcap)
     z = tl.where(col_mask[None, :], acc, float("-inf"))
-    return z, th
+    return z, slope
 
 
 @triton.jit
@@ -165,7 +169,7 @@ def lce_fwd_kernel(
     pid_n, pid_v, rows, vcols, row_mask, col_mask = _tile_coords(n_rows, n_vocab, BLOCK_N,
                                                                  BLOCK_V, GROUP_N)
 
-    z, th = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
+    z, slope = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
                          stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
                          BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
                          UPCAST_DOT)
@@ -182,7 +186,7 @@ def lce_fwd_kernel(
         if HAS_CLASS_WEIGHT:
             cw = tl.load(cw_ptr + vcols, mask=col_mask, other=0.0)
             zc = zc * cw[None, :]
-        tl.atomic_add(swz_ptr + rows, tl.sum(zc, axis=1), mask=row_mask)
+        tl.atomic_add(swz_ptr + rows, tl.sum(zc, axis=1), mask=row_mask, sem="relaxed")
 
     # this tile's softmax statistics per row
     m_t = tl.max(z, axis=1)
@@ -191,8 +195,10 @@ def lce_fwd_kernel(
 
     # fold them into the row's running (m, d); the lock serialises the tiles of a
     # row block (the pattern of Triton's layer-norm backward tutorial)
+    # (acquire on taking it, release on handing it back: the running (m, d) written
+    # under it is then visible to the next holder; no full acq_rel fence pair each way)
     lock = lock_ptr + pid_n
-    while tl.atomic_cas(lock, 0, 1) == 1:
+    while tl.atomic_cas(lock, 0, 1, sem="acquire") == 1:
         pass
     m = tl.load(m_ptr + rows, mask=row_mask, other=float("-inf"))
     d = tl.load(d_ptr + rows, mask=row_mask, other=0.0)
@@ -202,7 +208,7 @@ def lce_fwd_kernel(
     tl.store(m_ptr + rows, m_new, mask=row_mask)
     tl.store(d_ptr + rows, d, mask=row_mask)
     tl.debug_barrier()
-    tl.atomic_xchg(lock, 0)
+    tl.atomic_xchg(lock, 0, sem="release")
 
 
 @triton.jit
@@ -238,7 +244,7 @@ def lce_bwd_kernel(
     pid_n, pid_v, rows, vcols, row_mask, col_mask = _tile_coords(n_rows, n_vocab, BLOCK_N,
                                                                  BLOCK_V, GROUP_N)
 
-    z, th = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
+    z, slope = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
                          stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
                          BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
                          UPCAST_DOT)
@@ -259,11 +265,11 @@ def lce_bwd_kernel(
         else:
             g -= beta[:, None]
     if HAS_SOFTCAP:
-        g = g * (1.0 - th * th)
+        g = g * slope
     g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
 
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + vcols, tl.sum(g, axis=0), mask=col_mask)
+        tl.atomic_add(db_ptr + vcols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
 
     g_lo = g.to(x_ptr.dtype.element_ty)
     if UPCAST_DOT:
@@ -277,15 +283,17 @@ def lce_bwd_kernel(
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             if UPCAST_DOT:
                 w = w.to(tl.float32)
-            tl.atomic_add(dx_ptr + rows[:, None] * dim + k[None, :], tl.dot(g_lo, w, input_precision=DOT_PRECISION),
-                          mask=row_mask[:, None] & k_mask[None, :])
+            tl.atomic_add(dx_ptr + rows[:, None] * dim + k[None, :],
+                          tl.dot(g_lo, w, input_precision=DOT_PRECISION),
+                          mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
         if COMPUTE_DW:
             x = tl.load(x_ptr + rows[:, None] * stride_x_row + k[None, :] * stride_x_col,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             if UPCAST_DOT:
                 x = x.to(tl.float32)
-            tl.atomic_add(dw_ptr + vcols[:, None] * dim + k[None, :], tl.dot(tl.trans(g_lo), x, input_precision=DOT_PRECISION),
-                          mask=col_mask[:, None] & k_mask[None, :])
+            tl.atomic_add(dw_ptr + vcols[:, None] * dim + k[None, :],
+                          tl.dot(tl.trans(g_lo), x, input_precision=DOT_PRECISION),
+                          mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
 _KEY = ["n_vocab", "dim", "HAS_BIAS", "HAS_CLASS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"]

@@ -12,8 +12,8 @@ Order of precedence, per (kernel, device, vocabulary size, dtype):
 Table format (JSON):
     {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0", "torch": "2.11.0",
      "created": "2026-11-21T20:00:00Z",
-     "configs": {"ce_fwd": {"bfloat16": {"128256": {"BLOCK_V": 4096, "num_warps": 8,
-                                                     "num_stages": 2}}}}}
+     "configs": {"ce_fwd": {"bfloat16": {"128256": {"BLOCK_V": 4096, "num_warps": 8}}}}}
+(num_stages appears only for the LCE kernels, whose matmul loop Triton pipelines.)
 """
 
 import functools
@@ -63,7 +63,7 @@ def heuristic(kernel: str, n_cols: int, dtype=None) -> dict:
         return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     block = max(256, min(4096, triton.next_power_of_2(n_cols)))
     warps = max(1, min(8, block // 512))
-    return dict(BLOCK_V=block, num_warps=warps, num_stages=2 if kernel != "ce_scale" else 1)
+    return dict(BLOCK_V=block, num_warps=warps)
 
 
 @functools.lru_cache(maxsize=None)

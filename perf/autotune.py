@@ -31,7 +31,8 @@ input is corrupted.  CPU (the Triton interpreter): time.perf_counter, the same s
 
 Output:
 * a CSV row per (variant, config), with ms, GB/s (the kernel docstring's byte model:
-  ce_fwd b or 2b, ce_bwd 2b, ce_scale 2b per logit element) or TFLOP/s (LCE, the
+  ce_fwd b, or 3b with the gradient (2b for one-tile rows), ce_bwd 2b, ce_scale 2b per
+  logit element) or TFLOP/s (LCE, the
   kernels' own work: 2NVD forward, 6NVD backward, which recomputes the logits), status
   and the winner mark: perf/results/<gpu-key>/autotune.csv;
 * the winners, merged into <table-dir>/<device-key>.json (metadata: device, torch,
@@ -109,7 +110,7 @@ DRY = dict(vocab=(100,), dtypes=("fp32",), cuda_dtypes=("bf16",), rows=4, lce_ro
 DEFAULT_FLAGS = dict(PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_ZLOSS=False,
                      HAS_SOFTCAP=False, WRITE_GRAD=False, WRITE_STATS=False, HAS_BIAS=False,
                      HAS_CLASS_WEIGHT=False, COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=False,
-                     UPCAST_DOT=False)  # the GPU path never upcasts; the dry run is fp32
+                     UPCAST_DOT=False, ONE_TILE=False)  # the GPU path never upcasts; the dry run is fp32
 TUNED_FOR = ("class-index targets; no class weight, label smoothing, z-loss, softcap or bias; "
              "reduction mean. Other flag combinations and the fused/in-place launches use the "
              "same entry (the table is keyed by kernel, dtype and vocabulary size only).")
@@ -143,8 +144,10 @@ class KernelSpec:
 KERNELS = {
     "ce_fwd": KernelSpec(CE.ce_fwd_kernel, CE.fwd_configs, (
         Variant("recompute", primary=True, flags=dict(WRITE_GRAD=False), bytes=1),
-        Variant("fused", flags=dict(WRITE_GRAD=True), bytes=2),
-        Variant("fused_inplace", flags=dict(WRITE_GRAD=True), inplace=True, bytes=2),
+        # 3: two reads of a row longer than its tile (the second from HBM at LLM sizes),
+        # one write; rows of one tile move 2 (the sweep's GB/s use 3 for V > BLOCK_V)
+        Variant("fused", flags=dict(WRITE_GRAD=True), bytes=3),
+        Variant("fused_inplace", flags=dict(WRITE_GRAD=True), inplace=True, bytes=3),
     )),
     "ce_bwd": KernelSpec(CE.ce_bwd_kernel, CE.bwd_configs, (
         Variant("recompute", primary=True, bytes=2),
@@ -314,12 +317,16 @@ class CEProblem:
             values = dict(grad_ptr=g, scale_ptr=self.scale, n_cols=self.v,
                           stride_grad_row=g.stride(0), stride_grad_col=g.stride(1),
                           stride_scale=self.scale.stride(0))
-            flags.update(VEC=CE.vec_width(g))
+            flags.update(VEC=CE.vec_width(g), WIDE_COLS=CE.wide_cols(self.v, g.stride(1)))
         else:
             write_grad = kernel == "ce_bwd" or flags.get("WRITE_GRAD", False)
             # the 16-byte access widths, as the launcher (softmax_ce/_launch.py) sets them
             flags.update(VEC=CE.vec_width(x),
-                         GRAD_VEC=CE.grad_vec_width(x, out_grad if write_grad else None))
+                         GRAD_VEC=CE.grad_vec_width(x, out_grad if write_grad else None),
+                         WIDE_COLS=CE.wide_cols(self.v, x.stride(1)))
+            if kernel == "ce_fwd" and write_grad:
+                # as the launcher resolves it: the fused forward reads a one-tile row once
+                flags.update(ONE_TILE=self.v <= meta["BLOCK_V"])
             gs = out_grad.stride() if write_grad else (0, 0)
             values = dict(
                 logits_ptr=x, target_ptr=self.target, n_cols=self.v,
@@ -517,7 +524,11 @@ class Sweep:
         else:
             b = problem.dtype.itemsize if hasattr(problem.dtype, "itemsize") else \
                 torch.empty((), dtype=problem.dtype).element_size()
-            row["gbps"] = float(f"{variant.bytes * b * elements / (ms * 1e-3) / 1e9:.6g}")
+            moved = variant.bytes
+            if kernel == "ce_fwd" and variant.flags.get("WRITE_GRAD") and \
+                    problem.v <= cfg.kwargs["BLOCK_V"]:
+                moved = 2  # ONE_TILE: the row is read once
+            row["gbps"] = float(f"{moved * b * elements / (ms * 1e-3) / 1e9:.6g}")
         row["status"] = "ok" if ok else "wrong result"
         return row
 

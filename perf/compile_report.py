@@ -138,11 +138,15 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 # Machine instructions worth counting in the SASS: the tensor-core path (HGMMA is
-# Hopper's wgmma; HMMA the older mma.sync), 16-byte global loads and stores, and local
-# memory traffic (spills that actually execute).
+# Hopper's wgmma; HMMA the older mma.sync), 16-byte global loads and stores, local
+# memory traffic (spills that actually execute), and GPU-wide memory fences
+# (MEMBAR.*.GPU / .SYS; CCTL.IVALL invalidates the L1 after an acquire): Triton's
+# default acq_rel atomics put both around every atomic, which a relaxed accumulation
+# never needs.  (MEMBAR.ALL.CTA, a block-local fence, comes with wgmma's proxy fence.)
 SASS_OPS = {"HGMMA": r"HGMMA", "HMMA": r"HMMA", "LDG128": r"LDG\.E\.128",
             "STG128": r"STG\.E\.128", "LDGSTS128": r"LDGSTS\.E(?:\.\w+)*\.128",
-            "LDL": r"LDL", "STL": r"STL"}
+            "LDL": r"LDL", "STL": r"STL", "MEMBAR_GPU": r"MEMBAR(?:\.\w+)*\.(?:GPU|SYS)",
+            "CCTL": r"CCTL\.IVALL"}
 
 
 def sass_counts(cubin: bytes) -> dict:

@@ -140,8 +140,8 @@ def _bwd_torch(x, w, b, target, class_weight, mx, logd, s_coef, alpha, beta, sof
     db = torch.zeros(n_vocab, dtype=cdt, device=x.device) if need_db else mx.new_empty(0)
     cw = class_weight.to(cdt) if class_weight is not None else None
     for rows in _launch._chunks(n_rows, n_vocab):
-        z, th = _launch._softcapped(_logits_chunk(x[rows], w, b, cdt), softcap)
-        g = _launch._grad_chunk(z, th, target[rows], cw, mx[rows], logd[rows], s_coef[rows],
+        z, slope = _launch._softcapped(_logits_chunk(x[rows], w, b, cdt), softcap)
+        g = _launch._grad_chunk(z, slope, target[rows], cw, mx[rows], logd[rows], s_coef[rows],
                                 alpha[rows],
                                 beta[rows] if beta is not None else None, False)
         if need_dx:
