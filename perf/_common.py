@@ -306,6 +306,26 @@ def copy_gbps(device, nbytes: int, cpu_reps: int = 5) -> float:
 MMAP_THRESHOLD = 1 << 20
 
 
+def handover(x):
+    """x as an LM head hands its logits to the loss: an intermediate of the autograd graph
+    (not a leaf, not a view of one) sharing x's storage, no copy.  inplace_backward refuses
+    a leaf that requires grad, as torch refuses in-place ops on one; a benchmark owns its
+    buffers, so it measures the in-place modes on such a handed-over tensor, and the
+    gradient is taken with torch.autograd.grad(loss, handover_output)."""
+    import torch
+
+    class _Handover(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.detach()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    return _Handover.apply(x.detach().requires_grad_())
+
+
 def rss_kib() -> int:
     """This process's resident set now, KiB."""
     with open("/proc/self/statm") as f:

@@ -31,8 +31,10 @@ Numbers, per row of the CSV:
 * gbps: bytes of the provider's byte model / time, in 1e9 B/s.  The byte model is per
   logit element, in units of b (the dtype's size), written next to each provider:
       recompute (softmax_ce, softmax_ce_inplace)   forward b, backward 2b, fwd+bwd 3b
-      fused (softmax_ce_fused)                     forward 2b (reads, writes the gradient),
-                                                   backward 2b (rescale), fwd+bwd 4b
+      fused (softmax_ce_fused)                     forward 3b (reads the row twice, writes
+                                                   the gradient), backward 2b (rescale, as
+                                                   grad_output != 1), fwd+bwd 5b; for
+                                                   V <= 8192 (one tile) forward 2b, 4b in all
   The peers (torch, torch_compile, liger) are charged NOMINAL bytes, the recompute
   model, whatever they really move: their gbps is an *effective bandwidth* (the least
   traffic any implementation of that mode needs, over their time), directly comparable
@@ -116,8 +118,19 @@ CPU_LINEAR_SHAPES = dict(vocab=(512,), rows=(8,), hidden=(32,), dtypes=("fp32",)
 # ----------------------------------------------------------------------------
 
 RECOMPUTE = {"forward": 1, "backward": 2, "fwd+bwd": 3}  # read; read + write; 3 passes
-FUSED = {"forward": 2, "backward": 2, "fwd+bwd": 4}      # read + write grad; rescale (r + w)
+# fused, for rows longer than one tile (V > 8192): the forward reads each row twice (the
+# second read from HBM at these sizes: hundreds of rows in flight x row bytes exceed the
+# L2) and writes the gradient; the backward rescales it (read + write) since grad_output
+# is not 1 here (GradOut draws it from [0.5, 2)).  FUSED_ONE_TILE: rows that fit one tile
+# are read once.
+FUSED = {"forward": 3, "backward": 2, "fwd+bwd": 5}
+FUSED_ONE_TILE = {"forward": 2, "backward": 2, "fwd+bwd": 4}
 NOMINAL = RECOMPUTE  # what the peers are charged: the least any implementation moves
+
+
+def byte_model(provider, vocab: int) -> dict:
+    """mode -> bytes per logit element / b of `provider` at this vocabulary size."""
+    return FUSED_ONE_TILE if provider.bytes is FUSED and vocab <= 8192 else provider.bytes
 
 
 @dataclass(frozen=True)
@@ -478,7 +491,9 @@ def run_ce(run, shapes, providers, modes):
         k = n_copies(run, n * v * b)
         notes = []
         made = attempt(lambda: (
-            [torch.randn(n, v, generator=gen, device=device, dtype=dtype).requires_grad_()
+            # handed over as an LM head's output: the in-place providers may overwrite
+            # them (in place on a leaf is refused), the others differentiate them alike
+            [C.handover(torch.randn(n, v, generator=gen, device=device, dtype=dtype))
              for _ in range(k)],
             torch.randint(0, v, (n,), generator=gen, device=device),
             GradOut(float(torch.rand((), generator=gen, device=device)) * 1.5 + 0.5, device)),
@@ -506,12 +521,13 @@ def run_ce(run, shapes, providers, modes):
             path = softmax_ce_path(xs[0]) if p.name.startswith("softmax_ce") else ""
             for m in p_modes:
                 notes = [path, f"{k} input copies" if k > 1 else ""]
-                row = dict(base, provider=p.name, mode=m, bytes_per_elem=p.bytes[m] * b)
+                model = byte_model(p, v)
+                row = dict(base, provider=p.name, mode=m, bytes_per_elem=model[m] * b)
                 fn, setup = autograd_case(loss_fn, m, [(x, target) for x in xs], (0,), gout)
                 ms = attempt(lambda: run.timer(fn, setup), notes, "")
                 if ms is not None:
                     row["ms"] = ms
-                    row["gbps"] = p.bytes[m] * b * n * v / (ms * 1e-3) / 1e9
+                    row["gbps"] = model[m] * b * n * v / (ms * 1e-3) / 1e9
                     row["eff_gbps"] = NOMINAL[m] * b * n * v / (ms * 1e-3) / 1e9
                     if device.type == "cuda":
                         peak = attempt(lambda: cuda_peak(loss_fn, m, (xs[0], target), (0,), gout,

@@ -181,9 +181,11 @@ def loss_fn(provider: Provider, reduction: str):
 
 
 def prepare(provider, logits):
-    """The leaf the step differentiates; a fresh copy when the step will overwrite it."""
-    src = logits.clone() if provider.overwrites_logits else logits
-    return src.detach().requires_grad_()
+    """The tensor the step differentiates: a leaf, or for the in-place modes a fresh copy
+    handed over as an LM head's output would be (in place on a leaf is refused)."""
+    if provider.overwrites_logits:
+        return C.handover(logits.clone())
+    return logits.detach().requires_grad_()
 
 
 def step(fn, x, target, grad_out):

@@ -1,10 +1,15 @@
 """The launchers registered as PyTorch custom ops (namespace `softmax_ce`).
 
 Registering them makes the kernels opaque, well-described nodes for
-torch.compile (fullgraph tracing, functionalization of the in-place variants)
-and for CUDA graphs: no op here synchronises with the host.  Each op allocates
-its outputs and calls a launcher of `_launch`; the `_` ops write into the
-logits' own storage instead of a new buffer, and declare that mutation.
+torch.compile (fullgraph tracing) and for CUDA graphs: no op here synchronises with
+the host.  The functional ops allocate their outputs and call a launcher of
+`_launch`.  The `_` ops are out-variants: they return nothing and write only into
+tensors they were given, each named in `mutates_args` (the logits' own storage for
+the gradient, and the caller's row outputs), so that under torch.compile
+functionalization sees exactly what is written and Inductor can reinplace it rather
+than clone a logits-sized buffer.  Eager code calls their launchers directly
+(`inplace_*` below), which skips the dispatcher and bumps the version counters
+autograd checks, as the op would.
 """
 
 from typing import List, Optional
@@ -44,15 +49,16 @@ def fwd_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Te
     return [loss, mx, logd, dlse, grad]
 
 
-@torch.library.custom_op("softmax_ce::fwd_grad_", mutates_args=("logits",))
+@torch.library.custom_op("softmax_ce::fwd_grad_",
+                         mutates_args=("logits", "loss", "mx", "logd", "dlse"))
 def fwd_grad_(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
               beta: Optional[Tensor], zeta: Optional[Tensor], prob_target: bool,
-              softcap: Optional[float]) -> List[Tensor]:
-    """Fused, in place: the logits are overwritten by the gradient. -> [loss, mx, logd, dlse]."""
-    loss, mx, logd, dlse = _row_outputs(logits)
+              softcap: Optional[float], loss: Tensor, mx: Tensor, logd: Tensor,
+              dlse: Tensor) -> None:
+    """Fused, in place: the logits are overwritten by the gradient for grad_output = 1;
+    the row outputs loss, mx, logd, dlse ((n_rows,) fp32) are written."""
     _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse, logits,
                          prob_target, softcap)
-    return [loss, mx, logd, dlse]
 
 
 @torch.library.custom_op("softmax_ce::bwd", mutates_args=())
@@ -81,6 +87,26 @@ def scale_(grad: Tensor, scale: Tensor) -> None:
     _launch.scale_(grad, scale)
 
 
+@torch.library.custom_op("softmax_ce::fwd_stats", mutates_args=())
+def fwd_stats(logits: Tensor, target: Tensor, weight: Optional[Tensor], need_smooth: bool,
+              prob_target: bool, softcap: Optional[float]) -> List[Tensor]:
+    """One vocabulary slice's row statistics, for softmax_ce.distributed:
+    -> [mx, logd, stats]; stats (n_rows, 3): lse - z'_t (or sum w y (lse - z')),
+    sum w (lse - z'), sum w y, each about this slice's own lse = mx + logd."""
+    ones = _row_outputs(logits, 1)[0].fill_(1.0)
+    loss, mx, logd, dlse = _row_outputs(logits)
+    stats = ones.new_zeros(logits.shape[0], 3)
+    _launch.forward_into(logits, target, weight, ones, ones if need_smooth else None, None,
+                         loss, mx, logd, dlse, None, prob_target, softcap, stats)
+    return [mx, logd, stats]
+
+
+@fwd_stats.register_fake
+def _(logits, target, weight, need_smooth, prob_target, softcap):
+    mx, logd = _row_outputs(logits, 2)
+    return [mx, logd, mx.new_empty(logits.shape[0], 3)]
+
+
 @fwd.register_fake
 def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap):
     return _row_outputs(logits)
@@ -92,8 +118,8 @@ def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap):
 
 
 @fwd_grad_.register_fake
-def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap):
-    return _row_outputs(logits)
+def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap, loss, mx, logd, dlse):
+    return None
 
 
 @bwd.register_fake
@@ -133,6 +159,27 @@ def lce_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                                         softcap, need_dx, need_dw, need_db))
 
 
+@torch.library.custom_op("softmax_ce::lce_stats", mutates_args=())
+def lce_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+              class_weight: Optional[Tensor], need_smooth: bool,
+              softcap: Optional[float]) -> List[Tensor]:
+    """One vocabulary slice's row statistics of x @ w.T + b, for softmax_ce.distributed:
+    -> [mx, logd, target_term, smooth_term] ((N,) each; smooth_term empty without
+    smoothing), about this slice's own lse = mx + logd."""
+    mx, logd, target_term, smooth_term = _launch_linear.stats(x, w, b, target, class_weight,
+                                                              need_smooth, softcap)
+    # the PyTorch path hands back columns of one (N, 3) tensor; an op's outputs may not
+    # alias each other, so each leaves as its own (N,) copy
+    return [mx, logd, target_term.clone(),
+            smooth_term.clone() if smooth_term is not None else mx.new_empty(0)]
+
+
+@lce_stats.register_fake
+def _(x, w, b, target, class_weight, need_smooth, softcap):
+    mx, logd, target_term = _row_outputs(x, 3)
+    return [mx, logd, target_term, mx.new_empty(x.shape[0] if need_smooth else 0)]
+
+
 @lce_fwd.register_fake
 def _(x, w, b, target, class_weight, alpha, beta, zeta, softcap):
     return _row_outputs(x)
@@ -145,3 +192,44 @@ def _(x, w, b, target, class_weight, mx, logd, s_coef, alpha, beta, softcap, nee
     v = w.shape[0]
     return [mx.new_empty((n, d) if need_dx else (0,)), mx.new_empty((v, d) if need_dw else (0,)),
             mx.new_empty((v,) if need_db else (0,))]
+
+
+# ----------------------------------------------------------------------------
+# Eager forms of the out-variant ops
+# ----------------------------------------------------------------------------
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def inplace_fwd_grad(logits, target, weight, alpha, beta, zeta, prob_target, softcap):
+    """fwd_grad_ with fresh row outputs -> [loss, mx, logd, dlse]; the logits now hold the
+    gradient.  The op under torch.compile, its launcher otherwise."""
+    loss, mx, logd, dlse = _row_outputs(logits)
+    if _compiling():
+        fwd_grad_(logits, target, weight, alpha, beta, zeta, prob_target, softcap,
+                  loss, mx, logd, dlse)
+    else:
+        _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse,
+                             logits, prob_target, softcap)
+        torch.autograd.graph.increment_version(logits)
+    return [loss, mx, logd, dlse]
+
+
+def inplace_bwd(logits, target, weight, mx, logd, s_coef, alpha, beta, prob_target, softcap):
+    """bwd_: the logits are overwritten by the gradient (op under compile, launcher otherwise)."""
+    if _compiling():
+        bwd_(logits, target, weight, mx, logd, s_coef, alpha, beta, prob_target, softcap)
+    else:
+        _launch.backward_into(logits, target, weight, mx, logd, s_coef, alpha, beta, logits,
+                              prob_target, softcap)
+        torch.autograd.graph.increment_version(logits)
+
+
+def inplace_scale(grad, scale):
+    """scale_: grad[i, :] *= scale[i] (op under compile, launcher otherwise)."""
+    if _compiling():
+        scale_(grad, scale)
+    else:
+        _launch.scale_(grad, scale)
+        torch.autograd.graph.increment_version(grad)

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _launch, _launch_linear, _ops
+from . import _launch_linear, _ops
 from .functional import _check_target_range, _coefficients, _fail, recompute_grad
 
 # columns of the gathered per-row statistics
@@ -218,7 +218,6 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
         n_rows, n_local = logits.shape
         need_smooth = label_smoothing > 0
         row_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        ones = torch.ones(n_rows, dtype=row_dtype, device=logits.device)
         ctx.needs_target_grad = prob_target and ctx.needs_input_grad[1]
         if ctx.needs_target_grad:
             ctx.target_grad_logits = logits.detach().clone()
@@ -232,13 +231,11 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
             else:
                 local_t, owned = _local_targets(target2, offset, n_local, ignore_index)
             kernel_weight = weight_local if (prob_target or need_smooth) else None
-            stats = torch.zeros(n_rows, 3, dtype=row_dtype, device=logits.device)
             if n_local > 0:
-                loss_r, mx_r, logd_r, dlse_r = (torch.empty_like(ones) for _ in range(4))
-                _launch.forward_into(logits, local_t, kernel_weight, ones,
-                                     ones if need_smooth else None, None, loss_r, mx_r, logd_r,
-                                     dlse_r, None, prob_target, softcap, stats)
+                mx_r, logd_r, stats = _ops.fwd_stats(logits, local_t, kernel_weight, need_smooth,
+                                                     prob_target, softcap)
             else:
+                stats = torch.zeros(n_rows, 3, dtype=row_dtype, device=logits.device)
                 mx_r, logd_r, _, _ = _empty_slice_stats(n_rows, row_dtype, logits.device, False)
             kept.update(local_t=local_t, weight_local=weight_local, kernel_weight=kernel_weight)
             return _local_stats(mx_r, logd_r, stats[:, 0], stats[:, 1] if need_smooth else None,
@@ -315,8 +312,9 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
             local_t, owned = _local_targets(target2, offset, n_local, ignore_index)
             cw = cw_local if need_smooth else None
             if n_local > 0:
-                mx_r, logd_r, target_term, smooth_term = _launch_linear.stats(
+                mx_r, logd_r, target_term, smooth_term = _ops.lce_stats(
                     x, weight, bias, local_t, cw, need_smooth, softcap)
+                smooth_term = smooth_term if need_smooth else None
             else:
                 mx_r, logd_r, target_term, smooth_term = _empty_slice_stats(
                     x.shape[0], row_dtype, x.device, need_smooth)

@@ -40,7 +40,7 @@ def recompute_grad(logits, target, weight, mx, logd, dlse, alpha, beta, grad_los
     args = (target, weight, mx, logd, s_coef, g * alpha, g * beta if beta is not None else None,
             prob_target, softcap)
     if inplace:
-        _ops.bwd_(logits, *args)
+        _ops.inplace_bwd(logits, *args)
         return logits
     return _ops.bwd(logits, *args)
 
@@ -55,9 +55,10 @@ class CrossEntropyFunction(torch.autograd.Function):
     the backward rescales it in place, a no-op on the GPU when grad_output == 1.  That
     in-place rescale means one backward per forward (no retain_graph re-runs, no
     gradcheck): autograd raises its in-place error on a second one.
-    inplace: the gradient is written into the logits' storage; the op declares the
-    mutation, so autograd's version counter makes any later use of those logits in
-    a backward raise instead of reading a gradient as logits.
+    inplace: the gradient is written into the logits' storage; the write bumps the
+    logits' version counter (the out-variant op under torch.compile, explicitly in
+    eager), so autograd makes any later use of those logits in a backward raise instead
+    of reading a gradient as logits.
     """
 
     @staticmethod
@@ -72,7 +73,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             target_grad_logits = logits.detach().clone()
         if ctx.fused:
             if inplace:
-                loss, mx, logd, dlse = _ops.fwd_grad_(logits, *args)
+                loss, mx, logd, dlse = _ops.inplace_fwd_grad(logits, *args)
                 grad = logits
             else:
                 loss, mx, logd, dlse, grad = _ops.fwd_grad(logits, *args)
@@ -93,7 +94,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if ctx.fused:
                 (grad_logits,) = ctx.saved_tensors
-                _ops.scale_(grad_logits, grad_loss.float())
+                _ops.inplace_scale(grad_logits, grad_loss.float())
             else:
                 grad_logits = recompute_grad(*ctx.saved_tensors, grad_loss, grad_lse,
                                              ctx.prob_target, ctx.softcap, ctx.inplace)
@@ -133,14 +134,25 @@ def _check_options(reduction, label_smoothing, z_loss, softcap, grad_mode="recom
 
 
 def _flatten(input: Tensor, target: Tensor):
-    """(C) / (N, C) / (N, C, d1..dk) -> (rows, C) logits view and row-shaped target."""
-    if not isinstance(input, Tensor) or not input.is_floating_point():
-        _fail(RuntimeError, f"input must be a floating-point tensor, got "
-                            f"{getattr(input, 'dtype', type(input).__name__)}")
+    """(C) / (N, C) / (N, C, d1..dk) -> (rows, C) logits view and row-shaped target.
+
+    Errors have torch's exception types (TypeError for a non-tensor, ValueError for a
+    batch-size mismatch, RuntimeError for the rest; NotImplementedError, a
+    RuntimeError, for a non-floating input), so code that catches torch's keeps
+    working, with messages that name the argument."""
+    if not isinstance(input, Tensor):
+        _fail(TypeError, f"input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        _fail(NotImplementedError, f"input must be a floating-point tensor (float32, bfloat16, "
+                                   f"float16 or float64), got {input.dtype}")
     if input.dim() == 0:
-        _fail(ValueError, "input must have at least one dimension (the classes), got a 0-d tensor")
+        _fail(RuntimeError, "input must have at least one dimension (the classes), got a 0-d "
+                            "tensor")
     if not isinstance(target, Tensor):
-        _fail(TypeError, f"target must be a tensor, got {type(target).__name__}")
+        _fail(TypeError, f"target must be a Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        _fail(RuntimeError, f"target is on {target.device} but input is on {input.device}; "
+                            f"expected both on the same device")
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     batch_shape = input.shape[:0] if input.dim() == 1 else input.shape[:1] + input.shape[2:]
 
@@ -160,9 +172,9 @@ def _flatten(input: Tensor, target: Tensor):
                 _fail(ValueError, f"Expected input batch_size ({input.shape[0]}) to match "
                                   f"target batch_size ({target.shape[0]}): input "
                                   f"{tuple(input.shape)}, target {tuple(target.shape)}")
-            _fail(ValueError, f"target of shape {tuple(target.shape)} does not match input of "
-                              f"shape {tuple(input.shape)}: expected target shape "
-                              f"{tuple(batch_shape)} (the input's shape without the class dim 1)")
+            _fail(RuntimeError, f"target of shape {tuple(target.shape)} does not match input of "
+                                f"shape {tuple(input.shape)}: expected target shape "
+                                f"{tuple(batch_shape)} (the input's shape without the class dim 1)")
         prob_target = False
 
     def rows(t: Tensor, with_classes: bool) -> Tensor:
@@ -175,6 +187,42 @@ def _flatten(input: Tensor, target: Tensor):
         return t.reshape(-1)
 
     return rows(input, True), rows(target, prob_target), prob_target, batch_shape, n_classes
+
+
+def _check_weight(weight, n_classes=None, api="cross_entropy"):
+    """weight: a floating (C,) tensor (n_classes None: any length, the sharded case)."""
+    if not isinstance(weight, Tensor):
+        _fail(TypeError, f"weight must be a Tensor or None, got {type(weight).__name__}", api)
+    if not weight.is_floating_point():
+        _fail(RuntimeError, f"weight must be a floating-point tensor (class weights), got "
+                            f"{weight.dtype}", api)
+    if weight.dim() != 1 or (n_classes is not None and weight.numel() != n_classes):
+        expected = f"({n_classes},), one entry per class" if n_classes is not None else "(C,)"
+        _fail(RuntimeError, f"weight must have shape {expected}, got {tuple(weight.shape)}", api)
+
+
+def _grad_plan(logits2: Tensor, grad_mode: str, inplace: bool, api="cross_entropy"):
+    """(grad_mode, inplace) for this call.
+
+    When no backward can follow (grad disabled, or logits that do not require grad: an
+    eval loop under torch.no_grad()), the call is forward-only whatever was asked: no
+    gradient is computed and nothing is written into the logits.  In place on a leaf
+    that requires grad (an nn.Parameter, a tensor made with requires_grad=True), or on
+    a view of one, is refused as torch refuses in-place ops there: the user still owns
+    those values."""
+    if not (torch.is_grad_enabled() and logits2.requires_grad):
+        return "recompute", False
+    if inplace:
+        base = logits2
+        while base._base is not None:
+            base = base._base
+        if base.is_leaf:
+            _fail(RuntimeError, "inplace_backward=True would overwrite input with its gradient, "
+                                "but input is a leaf tensor that requires grad (or a view of one, "
+                                "e.g. an nn.Parameter): torch refuses in-place operations on such "
+                                "a leaf and its values would be lost. Use inplace_backward=False, "
+                                "or pass logits computed from it (an LM head's output)", api)
+    return grad_mode, inplace
 
 
 def _check_prob_ignore(prob_target, ignore_index, api="cross_entropy"):
@@ -252,15 +300,19 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     softcap: logits become ``softcap * tanh(z / softcap)`` before the softmax (Gemma 2).
     inplace_backward: write the gradient into the logits' storage, so a training step
         needs no second logits-sized buffer when the logits are an intermediate (an LM
-        head's output); for a leaf tensor autograd still copies the gradient into .grad.
-        The logits must not be used afterwards; autograd raises if a backward would read
-        them.
+        head's output).  The logits must not be used afterwards; autograd raises if a
+        backward would read them.  Refused (RuntimeError) for a leaf that requires grad
+        or a view of one, as torch refuses in-place ops there.
     grad_mode: ``"recompute"`` (default) saves only the per-row lse and recomputes
         softmax in the backward: 3 logits-sized passes of traffic per step whatever
         grad_output is.  ``"fused"`` writes the gradient during the forward and only
-        rescales it in the backward: 2 passes when grad_output is exactly 1, 4
-        otherwise.  With ``"fused"`` and ``inplace_backward=True`` the logits are
-        overwritten already by the forward.
+        rescales it in the backward: 3 passes when grad_output is exactly 1, 5
+        otherwise (the row is read twice, from HBM at LLM sizes), and 2 / 4 for rows
+        that fit one tile (V <= BLOCK_V), which are read once.  With ``"fused"`` and
+        ``inplace_backward=True`` the logits are overwritten already by the forward.
+        When no backward can follow (``torch.no_grad()``, logits that do not require
+        grad) every mode runs forward only: nothing is computed for a gradient and
+        nothing is written into the logits.
     return_lse: also return the per-row log-sum-exp (fp32, the target's shape, of the
         softcapped logits), from the same pass: ``loss, lse = cross_entropy(...,
         return_lse=True)``.  It is differentiable with grad_mode="recompute".
@@ -289,11 +341,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 
     weight32 = None
     if weight is not None:
-        if (not isinstance(weight, Tensor) or weight.dim() != 1 or weight.numel() != n_classes
-                or not weight.is_floating_point()):
-            _fail(RuntimeError, f"weight must be a floating 1-D tensor with one entry per class "
-                                f"({n_classes}), got "
-                                f"{tuple(weight.shape) if isinstance(weight, Tensor) else weight}")
+        _check_weight(weight, n_classes)
         row_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         weight32 = weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
 
@@ -305,10 +353,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     kernel_weight = weight32 if (prob_target or beta is not None) else None
     if softcap is not None:
         softcap = float(softcap)
+    grad_mode, inplace = _grad_plan(logits2, grad_mode, bool(inplace_backward))
 
     loss_rows, lse = CrossEntropyFunction.apply(
         logits2, target2, kernel_weight, alpha, beta, zeta, prob_target, softcap,
-        grad_mode, bool(inplace_backward))
+        grad_mode, inplace)
     return _reduce(loss_rows, lse, reduction, nan_if_empty, batch_shape, input.dtype, return_lse)
 
 
@@ -356,10 +405,9 @@ def _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_
                           f"gradient needs the global lse, known only after the forward")
     logits2, target2, prob_target, batch_shape, n_local = _flatten(input, target)
     _check_prob_ignore(prob_target, ignore_index)
-    if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1
-                               or not weight.is_floating_point()):
-        _fail(RuntimeError, "weight must be a floating 1-D tensor: the full (V,) vector or "
-                            "this rank's slice")
+    _, inplace_backward = _grad_plan(logits2, grad_mode, bool(inplace_backward))
+    if weight is not None:
+        _check_weight(weight)  # the full (V,) vector or this rank's slice
     loss_rows, lse, nan_if_empty = distributed.sharded_cross_entropy(
         logits2, target2, weight, prob_target,
         float(softcap) if softcap is not None else None, ignore_index, reduction,

@@ -46,26 +46,39 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _check_linear_inputs(input, weight, target, bias, shift):
-    if not isinstance(input, Tensor) or not input.is_floating_point() or input.dim() < 1:
-        _fail(RuntimeError, "input must be a floating-point tensor of shape (..., D)", _API)
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        _fail(RuntimeError, "weight must be a floating-point (V, D) tensor, as for F.linear, got "
-                            f"{tuple(weight.shape) if isinstance(weight, Tensor) else weight}", _API)
+    """torch's exception types (TypeError for a non-tensor, ValueError for a batch-size
+    mismatch, RuntimeError otherwise), messages that name the argument."""
+    for name, t in (("input", input), ("weight", weight), ("target", target)):
+        if not isinstance(t, Tensor):
+            _fail(TypeError, f"{name} must be a Tensor, got {type(t).__name__}", _API)
+    if bias is not None and not isinstance(bias, Tensor):
+        _fail(TypeError, f"bias must be a Tensor or None, got {type(bias).__name__}", _API)
+    if not input.is_floating_point() or input.dim() < 1:
+        _fail(RuntimeError, f"input must be a floating-point tensor of shape (..., D), got "
+                            f"{input.dtype} {tuple(input.shape)}", _API)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        _fail(RuntimeError, f"weight must be a floating-point (V, D) tensor, as for F.linear, got "
+                            f"{weight.dtype} {tuple(weight.shape)}", _API)
     if weight.shape[1] != input.shape[-1]:
-        _fail(ValueError, f"weight {tuple(weight.shape)} does not match input "
-                          f"{tuple(input.shape)}: expected weight (V, {input.shape[-1]})", _API)
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]):
+        _fail(RuntimeError, f"weight {tuple(weight.shape)} does not match input "
+                            f"{tuple(input.shape)}: expected weight (V, {input.shape[-1]})", _API)
+    if bias is not None and bias.shape != weight.shape[:1]:
         _fail(RuntimeError, f"bias must have shape ({weight.shape[0]},) like weight's rows, got "
-                            f"{tuple(bias.shape) if isinstance(bias, Tensor) else bias}", _API)
-    if not isinstance(target, Tensor) or target.is_floating_point():
-        _fail(RuntimeError, "target must hold class indices (int64, int32 or uint8), got "
-                            f"{getattr(target, 'dtype', type(target).__name__)}", _API)
-    if target.dtype not in (torch.int64, torch.int32, torch.uint8):
+                            f"{tuple(bias.shape)}", _API)
+    for name, t in (("weight", weight), ("target", target), ("bias", bias)):
+        if t is not None and t.device != input.device:
+            _fail(RuntimeError, f"{name} is on {t.device} but input is on {input.device}; "
+                                f"expected all on the same device", _API)
+    if target.is_floating_point() or target.dtype not in (torch.int64, torch.int32, torch.uint8):
         _fail(RuntimeError, f"target must hold class indices (int64, int32 or uint8), got "
                             f"{target.dtype}", _API)
     if target.shape != input.shape[:-1]:
-        _fail(ValueError, f"target of shape {tuple(target.shape)} does not match input of shape "
-                          f"{tuple(input.shape)}: expected {tuple(input.shape[:-1])}", _API)
+        if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+            _fail(ValueError, f"Expected input batch_size ({input.shape[0]}) to match target "
+                              f"batch_size ({target.shape[0]}): input {tuple(input.shape)}, "
+                              f"target {tuple(target.shape)}", _API)
+        _fail(RuntimeError, f"target of shape {tuple(target.shape)} does not match input of "
+                            f"shape {tuple(input.shape)}: expected {tuple(input.shape[:-1])}", _API)
     if shift and target.dim() < 1:
         _fail(ValueError, "shift=True needs a time dimension: input (..., T, D), target (..., T)",
               _API)

@@ -19,7 +19,7 @@ def _msg(*words):
 
 
 def assert_raises_unchanged(exc, match, x, target, weight=None, **kw):
-    tensors = [t for t in (x, target, weight) if isinstance(t, torch.Tensor)]
+    tensors = [t for t in (x, target, weight) if isinstance(t, torch.Tensor) and not t.is_meta]
     before = [t.detach().clone() for t in tensors]
     for mode in MODES:
         with pytest.raises(exc, match=match):
@@ -47,9 +47,10 @@ def test_batch_size_mismatch(x, device):
 
 
 def test_spatial_shape_mismatch(device):
+    """RuntimeError, as torch raises ("Expected target size [2, 3], got [2, 4]")."""
     x = torch.randn(2, 5, 3, device=device, requires_grad=True)
-    assert_raises_unchanged(ValueError, _msg("target"), x, torch.zeros(2, 4, dtype=torch.long,
-                                                                        device=device))
+    assert_raises_unchanged(RuntimeError, _msg("target"), x, torch.zeros(2, 4, dtype=torch.long,
+                                                                          device=device))
 
 
 def test_float_class_index_target_of_wrong_shape(x, device):
@@ -122,13 +123,68 @@ def test_bad_grad_mode(x, t, value):
 
 def test_zero_dim_input(device):
     x = torch.tensor(1.0, device=device, requires_grad=True)
-    assert_raises_unchanged(ValueError, _msg("input"), x, torch.tensor(0, device=device))
+    assert_raises_unchanged(RuntimeError, _msg("input"), x, torch.tensor(0, device=device))
 
 
 def test_integer_input(device):
     x = torch.ones(4, 5, dtype=torch.long, device=device)
-    assert_raises_unchanged(RuntimeError, _msg("input"), x, torch.zeros(4, dtype=torch.long,
-                                                                         device=device))
+    assert_raises_unchanged(NotImplementedError, _msg("input", "int64"), x,
+                            torch.zeros(4, dtype=torch.long, device=device))
+
+
+def test_integer_weight_names_its_dtype(x, t, device):
+    assert_raises_unchanged(RuntimeError, _msg("weight", "int64"), x, t,
+                            torch.ones(5, dtype=torch.long, device=device))
+
+
+def test_target_on_another_device(x):
+    """A target elsewhere than the logits would hand the kernels a pointer of the wrong
+    device: refused with a message naming both devices."""
+    assert_raises_unchanged(RuntimeError, _msg("target", "meta", "input"), x,
+                            torch.zeros(4, dtype=torch.long, device="meta"))
+
+
+def _bad_calls(device):
+    """(name, args, kwargs) of calls that torch.nn.functional.cross_entropy refuses."""
+    x = torch.randn(3, 5, device=device)
+    t = torch.tensor([0, 4, 2], device=device)
+    return [
+        ("batch size", (x, torch.tensor([0, 1, 2, 3], device=device)), {}),
+        ("spatial shape", (torch.randn(3, 5, 2, device=device),
+                           torch.zeros(3, 4, dtype=torch.long, device=device)), {}),
+        ("2-d index target", (x, torch.zeros(3, 2, dtype=torch.long, device=device)), {}),
+        ("probabilities of another shape", (x, torch.rand(3, 4, device=device)), {}),
+        ("numpy target", (x, t.cpu().numpy()), {}),
+        ("numpy input", (x.detach().cpu().numpy(), t), {}),
+        ("list target", (x, [0, 1, 2]), {}),
+        ("integer input", (torch.ones(3, 5, dtype=torch.long, device=device), t), {}),
+        ("complex input", (torch.randn(3, 5, dtype=torch.complex64, device=device), t), {}),
+        ("0-d input", (torch.tensor(1.0, device=device), torch.tensor(0, device=device)), {}),
+        ("bool target", (x, torch.zeros(3, dtype=torch.bool, device=device)), {}),
+        ("int16 target", (x, t.short()), {}),
+        ("integer weight", (x, t), dict(weight=torch.ones(5, dtype=torch.long, device=device))),
+        ("weight of 4", (x, t), dict(weight=torch.ones(4, device=device))),
+        ("2-d weight", (x, t), dict(weight=torch.ones(5, 1, device=device))),
+        ("numpy weight", (x, t), dict(weight=torch.ones(5).numpy())),
+        ("reduction", (x, t), dict(reduction="avg")),
+        ("label_smoothing", (x, t), dict(label_smoothing=2.0)),
+        ("ignore_index with probabilities", (x, torch.rand(3, 5, device=device)),
+         dict(ignore_index=1)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls("cpu"))),
+                         ids=[c[0] for c in _bad_calls("cpu")])
+def test_exception_type_is_torchs(case, device):
+    """A drop-in raises what torch raises, so that code catching torch's exception keeps
+    working; the message stays ours and names the argument."""
+    name, args, kw = _bad_calls(device)[case]
+    with pytest.raises(Exception) as theirs:
+        torch.nn.functional.cross_entropy(*args, **kw)
+    with pytest.raises(Exception) as ours:
+        ce(*args, **kw)
+    assert type(ours.value) is type(theirs.value), (name, ours.value, theirs.value)
+    assert str(ours.value).startswith("softmax_ce.cross_entropy: "), ours.value
 
 
 def test_module_raises_the_same(x, t):
@@ -146,3 +202,44 @@ def test_ignore_index_with_probability_target(x, device):
     probs = torch.softmax(torch.randn(4, 5, device=device), dim=1)
     assert_raises_unchanged(RuntimeError, _msg("ignore_index", "probability"), x, probs,
                             ignore_index=0)
+
+
+def _bad_linear_calls(device):
+    x = torch.randn(3, 4, device=device)
+    w = torch.randn(5, 4, device=device)
+    t = torch.tensor([0, 4, 2], device=device)
+    return [
+        ("hidden size", (x, torch.randn(5, 3, device=device), t)),
+        ("batch size", (x, w, torch.tensor([0, 1, 2, 3], device=device))),
+        ("2-d target", (x, w, torch.zeros(3, 2, dtype=torch.long, device=device))),
+        ("float target", (x, w, torch.rand(3, device=device))),
+        ("1-d weight", (x, torch.randn(4, device=device), t)),
+        ("dtype mismatch", (x.double(), w, t)),
+    ]
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "linear_cross_entropy"),
+                    reason="torch has F.linear_cross_entropy from 2.13 on")
+@pytest.mark.parametrize("case", range(len(_bad_linear_calls("cpu"))),
+                         ids=[c[0] for c in _bad_linear_calls("cpu")])
+def test_linear_exception_type_is_torchs(case, device):
+    name, args = _bad_linear_calls(device)[case]
+    with pytest.raises(Exception) as theirs:
+        torch.nn.functional.linear_cross_entropy(*args)
+    with pytest.raises(Exception) as ours:
+        softmax_ce.linear_cross_entropy(*args)
+    assert type(ours.value) is type(theirs.value), (name, ours.value, theirs.value)
+    assert str(ours.value).startswith("softmax_ce.linear_cross_entropy: "), ours.value
+
+
+@pytest.mark.parametrize("which", ["input", "weight"])
+def test_linear_non_tensor_is_a_type_error(which, device):
+    """torch's F.linear_cross_entropy lets a NumPy array fail with an AttributeError from
+    deep inside; ours says TypeError, naming the argument."""
+    x = torch.randn(3, 4, device=device)
+    w = torch.randn(5, 4, device=device)
+    args = dict(input=x, weight=w)
+    args[which] = args[which].cpu().numpy()
+    with pytest.raises(TypeError, match=rf"^softmax_ce\.linear_cross_entropy: {which} must be a Tensor"):
+        softmax_ce.linear_cross_entropy(args["input"], args["weight"],
+                                        torch.tensor([0, 4, 2], device=device))

@@ -546,7 +546,7 @@ def test_bad_options(kwargs, exc, match):
 
 def test_bad_tensors():
     x, w, t = _good()
-    with pytest.raises(ValueError, match=P + r"weight \(10, 7\) does not match input \(6, 8\)"):
+    with pytest.raises(RuntimeError, match=P + r"weight \(10, 7\) does not match input \(6, 8\)"):
         softmax_ce.linear_cross_entropy(x, w[:, :7], t)
     with pytest.raises(RuntimeError, match=P + "weight must be"):
         softmax_ce.linear_cross_entropy(x, w[0], t)
@@ -558,10 +558,13 @@ def test_bad_tensors():
         softmax_ce.linear_cross_entropy(x, w, t.float())
     with pytest.raises(RuntimeError, match=P + "target must hold class indices"):
         softmax_ce.linear_cross_entropy(x, w, t.to(torch.int16))
-    with pytest.raises(ValueError, match=P + r"target of shape \(5,\)"):
+    with pytest.raises(ValueError, match=P + r"Expected input batch_size \(6\) to match target "
+                                            r"batch_size \(5\)"):
         softmax_ce.linear_cross_entropy(x, w, t[:5])
-    with pytest.raises(ValueError, match=P + "target of shape"):
+    with pytest.raises(ValueError, match=P + r"Expected input batch_size \(2\)"):
         softmax_ce.linear_cross_entropy(x.reshape(2, 3, 8), w, t)
+    with pytest.raises(RuntimeError, match=P + r"target of shape \(2, 2\)"):
+        softmax_ce.linear_cross_entropy(x.reshape(2, 3, 8), w, t[:4].reshape(2, 2))
     with pytest.raises(RuntimeError, match=P + "input"):
         softmax_ce.linear_cross_entropy(x.long(), w, t)
     with pytest.raises(ValueError, match=P + "shift=True"):

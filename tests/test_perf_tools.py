@@ -98,7 +98,7 @@ def test_bench_writes_csv(bench, tmp_path, device):
             assert float(r["tflops"]) > 0 and r["hidden"] == "16"
         else:
             # the byte model: bytes per logit element = model x the dtype's size
-            model = bench.CE_PROVIDERS[r["provider"]].bytes[r["mode"]]
+            model = bench.byte_model(bench.CE_PROVIDERS[r["provider"]], int(r["vocab"]))[r["mode"]]
             assert float(r["bytes_per_elem"]) == model * size and r["dtype"] == dtype
         if device == "cuda":
             assert float(r["peak_mem_mb"]) >= 0
