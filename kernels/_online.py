@@ -129,7 +129,7 @@ def grad_tile(
     z, cols, mask, active,                # this tile's raw logits (fp32), their column indices; is the row live
     weight_ptr,                           # (n_cols,) fp32 class weights
     tgt_row_ptr, stride_tgt_col, target,  # probability row, or the class index
-    shift, log_d, s_coef, alpha, beta, softcap,   # per-row fp32 scalars
+    row_max, log_d, dlse, alpha, beta, softcap,   # per-row fp32 scalars
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
@@ -138,16 +138,16 @@ def grad_tile(
     With z' = softcap(z), s = softmax(z') = exp((z' - m) - log d), lse = m + log d.
     m and log d are kept apart: rounding lse itself to fp32 would cost about 1e-3
     relative error in s for rows whose logits are near +-1e4.
-        d/dz' = s_coef * s - alpha * onehot(target) - beta * w          (class index)
-        d/dz' = s_coef * s - alpha * w * y          - beta * w          (probabilities)
+        d/dz' = dlse * s - alpha * onehot(target) - beta * w          (class index)
+        d/dz' = dlse * s - alpha * w * y          - beta * w          (probabilities)
         d/dz  = d/dz' * sech^2(z / softcap)                              (softcap)
-    s_coef, alpha and beta already hold the reduction's scale and grad_output.
+    dlse, alpha and beta already hold the reduction's scale and grad_output.
     The subtraction is done in fp32 and rounded once on store, so the target
     entry s - 1 (about -1e-3 for a confident model) keeps its precision in bf16.
     """
     if HAS_SOFTCAP:
         z, slope = softcap_slope(z, softcap)
-    g = s_coef * tl.exp((z - shift) - log_d)
+    g = dlse * tl.exp((z - row_max) - log_d)
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     if PROB_TARGET:
@@ -169,9 +169,9 @@ def grad_tile(
 
 
 @triton.jit
-def row_active(s_coef, alpha, beta, HAS_SMOOTHING: tl.constexpr):
+def row_active(dlse, alpha, beta, HAS_SMOOTHING: tl.constexpr):
     """A row whose coefficients are all 0 (ignored, or grad_output 0) has a zero gradient."""
-    active = (s_coef != 0.0) | (alpha != 0.0)
+    active = (dlse != 0.0) | (alpha != 0.0)
     if HAS_SMOOTHING:
         active = active | (beta != 0.0)
     return active
@@ -182,7 +182,7 @@ def write_grad_row(
     logits_ptr, first, stride_col,        # the logits: base, this row's flat offset, column stride
     grad_ptr, gfirst, stride_grad_col,    # the gradient, alike
     weight_ptr, tgt_row_ptr, stride_tgt_col, target, n_cols,
-    shift, log_d, s_coef, alpha, beta, softcap,           # per-row fp32 scalars
+    row_max, log_d, dlse, alpha, beta, softcap,           # per-row fp32 scalars
     body_lo,                              # first body column to do (the caller did those before)
     BLOCK_V: tl.constexpr, VEC: tl.constexpr, GRAD_VEC: tl.constexpr, WIDE_COLS: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -197,7 +197,7 @@ def write_grad_row(
     gradient: its logits are not read at all (a masked-off load moves no bytes), only
     zeros are written.  Each tile is read before it is written, so the gradient may be
     the logits (in place)."""
-    active = row_active(s_coef, alpha, beta, HAS_SMOOTHING)
+    active = row_active(dlse, alpha, beta, HAS_SMOOTHING)
     body0, n_head, n_body = row_split(first, n_cols, VEC)
     gbody0 = tl.multiple_of(gfirst + n_head * stride_grad_col, GRAD_VEC)
     n_read = tl.where(active, n_body, 0)
@@ -209,7 +209,7 @@ def write_grad_row(
         z = tl.load(logits_ptr + body0 + j * stride_col, mask=read, other=float("-inf")).to(tl.float32)
         g = grad_tile(z, n_head + j, read, active,
                       weight_ptr, tgt_row_ptr, stride_tgt_col, target,
-                      shift, log_d, s_coef, alpha, beta, softcap,
+                      row_max, log_d, dlse, alpha, beta, softcap,
                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
         tl.store(grad_ptr + gbody0 + j * stride_grad_col,
                  to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
@@ -219,7 +219,7 @@ def write_grad_row(
         z = tl.load(logits_ptr + first + cols * stride_col, mask=read, other=float("-inf")).to(tl.float32)
         g = grad_tile(z, cols, read, active,
                       weight_ptr, tgt_row_ptr, stride_tgt_col, target,
-                      shift, log_d, s_coef, alpha, beta, softcap,
+                      row_max, log_d, dlse, alpha, beta, softcap,
                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
         tl.store(grad_ptr + gfirst + cols * stride_grad_col,
                  to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)

@@ -44,7 +44,6 @@ row of 50257 bf16 logits (not a multiple of 16 bytes) moves in the same 16-byte
 accesses as one of 50304.
 """
 
-import os
 
 import triton
 import triton.language as tl
@@ -54,14 +53,11 @@ from ._online import (edge_cols, grad_tile, lanes, load_logits, online_softmax_u
 
 
 def interpreting() -> bool:
-    """True when our kernels run through Triton's NumPy interpreter.
-
-    Triton fixes the mode when it decorates a kernel, i.e. when this module is imported
-    with TRITON_INTERPRET=1; the variable is read again here so that a caller can route
-    CPU tensors to the PyTorch path by setting it to 0 later (the tests do).  Setting it
-    to 1 after the import cannot turn the interpreter on, and does not pretend to.
-    """
-    return _DECORATED_FOR_INTERPRETER and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when our kernels run through Triton's NumPy interpreter: Triton fixes that when
+    it decorates a kernel, i.e. when this module is imported with TRITON_INTERPRET=1
+    (INTERPRETED, set below the kernels).  Which back end a call takes is decided in
+    softmax_ce._launch from this fact and the tensor, never from the environment later."""
+    return INTERPRETED
 
 
 # ----------------------------------------------------------------------------
@@ -138,7 +134,7 @@ def interpreter_block(n_cols: int) -> int:
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _stats_tile(m, d, s_w, s_wz, s_wy, s_wyz, z, cols, mask, ref,
+def _stats_tile(m, d, s_w, s_wz, s_wy, s_wyz, z, cols, mask, pivot,
                 weight_ptr, tgt_row, stride_target_col,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                 HAS_SMOOTHING: tl.constexpr):
@@ -146,7 +142,7 @@ def _stats_tile(m, d, s_w, s_wz, s_wy, s_wyz, z, cols, mask, ref,
     (m, d) and the linear sums."""
     m, d = online_softmax_update(m, d, z)
     if HAS_SMOOTHING or PROB_TARGET:
-        zc = tl.where(mask, z - ref, 0.0)
+        zc = tl.where(mask, z - pivot, 0.0)
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
         if HAS_SMOOTHING:
@@ -175,8 +171,8 @@ def ce_fwd_kernel(
     beta_ptr,          # (n_rows,) fp32 smoothing coefficient   [HAS_SMOOTHING]
     zeta_ptr,          # (n_rows,) fp32 z-loss coefficient      [HAS_ZLOSS]
     loss_ptr,          # (n_rows,) fp32 out: loss of each row, coefficients applied
-    max_ptr,           # (n_rows,) fp32 out: m, the row max of z' (0 for an all -inf row)
-    logd_ptr,          # (n_rows,) fp32 out: log d; lse = m + log d, kept apart for precision
+    row_max_ptr,           # (n_rows,) fp32 out: m, the row max of z' (0 for an all -inf row)
+    log_d_ptr,          # (n_rows,) fp32 out: log d; lse = m + log d, kept apart for precision
     dlse_ptr,          # (n_rows,) fp32 out: d loss_row / d lse
     grad_ptr,          # (n_rows, n_cols) out: d loss / d z    [WRITE_GRAD]; may alias logits
     stats_ptr,         # (n_rows, 3) fp32 out: target term, smoothing term, sum w*y  [WRITE_STATS]
@@ -221,14 +217,14 @@ def ce_fwd_kernel(
         target = tl.load(tgt_row).to(tl.int64)
 
     # The linear sums (sum w*z', sum w*y*z') are taken about a per-row reference
-    # point `ref` (the first tile's max) so that W*lse - sum(w*z') does not
+    # point `pivot` (the first tile's max) so that W*lse - sum(w*z') does not
     # cancel catastrophically for rows far from 0 (e.g. every logit near -1e4).
     NEED_SUMS: tl.constexpr = HAS_SMOOTHING or PROB_TARGET
-    ref = 0.0
+    pivot = 0.0
     if NEED_SUMS:
         z0 = load_logits(logits_row + lane * stride_logits_col, lane < n_cols, softcap, HAS_SOFTCAP)
-        ref = tl.max(z0, axis=0)
-        ref = tl.where((ref == float("-inf")) | (ref != ref), 0.0, ref)
+        pivot = tl.max(z0, axis=0)
+        pivot = tl.where((pivot == float("-inf")) | (pivot != pivot), 0.0, pivot)
 
     # ---- pass 1: online softmax statistics, read each logit once ----------
     # The row is walked as row_split says: an aligned body in 16-byte vectors, then
@@ -236,9 +232,9 @@ def ce_fwd_kernel(
     m = float("-inf")
     d = 0.0
     s_w = 0.0      # sum w           (smoothing with weights)
-    s_wz = 0.0     # sum w (z' - ref)
+    s_wz = 0.0     # sum w (z' - pivot)
     s_wy = 0.0     # sum w y         (probability targets)
-    s_wyz = 0.0    # sum w y (z' - ref)
+    s_wyz = 0.0    # sum w y (z' - pivot)
     body0, n_head, n_body = row_split(first, n_cols, VEC)
     body_lo = 0
     if ONE_TILE:
@@ -254,7 +250,7 @@ def ce_fwd_kernel(
             z0, _ = softcap_slope(z0_raw, softcap)
             z0 = tl.where(j < n_body, z0, float("-inf"))
         m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
-            m, d, s_w, s_wz, s_wy, s_wyz, z0, n_head + j, j < n_body, ref,
+            m, d, s_w, s_wz, s_wy, s_wyz, z0, n_head + j, j < n_body, pivot,
             weight_ptr, tgt_row, stride_target_col, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
         body_lo = BLOCK_V
     for start in range(body_lo, n_body, BLOCK_V):
@@ -262,32 +258,32 @@ def ce_fwd_kernel(
         z = load_logits(logits_ptr + body0 + j * stride_logits_col, j < n_body, softcap,
                         HAS_SOFTCAP)
         m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
-            m, d, s_w, s_wz, s_wy, s_wyz, z, n_head + j, j < n_body, ref,
+            m, d, s_w, s_wz, s_wy, s_wyz, z, n_head + j, j < n_body, pivot,
             weight_ptr, tgt_row, stride_target_col, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
     if n_body < n_cols:
         cols, mask = edge_cols(n_head, n_body, n_cols, VEC, WIDE_COLS)
         z = load_logits(logits_row + cols * stride_logits_col, mask, softcap, HAS_SOFTCAP)
         m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
-            m, d, s_w, s_wz, s_wy, s_wyz, z, cols, mask, ref,
+            m, d, s_w, s_wz, s_wy, s_wyz, z, cols, mask, pivot,
             weight_ptr, tgt_row, stride_target_col, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
 
-    shift = tl.where(m == float("-inf"), 0.0, m)
+    row_max = tl.where(m == float("-inf"), 0.0, m)
     log_d = tl.log(d)
-    lse = shift + log_d
+    lse = row_max + log_d
 
     # ---- the row's loss terms, loss and d loss / d lse ----------------------
     # target term: lse - z'_t, or sum w y (lse - z') for probabilities
     if PROB_TARGET:
-        target_term = ((shift - ref) + log_d) * s_wy - s_wyz
+        target_term = ((row_max - pivot) + log_d) * s_wy - s_wyz
         dlse = alpha * s_wy
     else:
         in_range = (target >= 0) & (target < n_cols)
         z_t = load_logits(logits_row + tl.where(in_range, target, 0) * stride_logits_col,
                           in_range, softcap, HAS_SOFTCAP)
-        z_t = tl.where(in_range, z_t, shift)  # a target elsewhere: keep the math finite
+        z_t = tl.where(in_range, z_t, row_max)  # a target elsewhere: keep the math finite
         # (m - z_t) + log d rather than lse - z_t: exact when z_t is the max,
         # which keeps a confident model's small loss accurate
-        target_term = (shift - z_t) + log_d
+        target_term = (row_max - z_t) + log_d
         dlse = alpha
     loss = tl.where(alpha != 0.0, alpha * target_term, 0.0)
     # smoothing term: sum w (lse - z')
@@ -296,15 +292,15 @@ def ce_fwd_kernel(
         W = n_cols * 1.0
         if HAS_WEIGHT:
             W = s_w
-        smooth_term = W * ((shift - ref) + log_d) - s_wz
+        smooth_term = W * ((row_max - pivot) + log_d) - s_wz
         loss += tl.where(beta != 0.0, beta * smooth_term, 0.0)
         dlse += beta * W
     if HAS_ZLOSS:
         loss += tl.where(zeta != 0.0, zeta * lse * lse, 0.0)
         dlse += 2.0 * zeta * lse
     tl.store(loss_ptr + row, loss)
-    tl.store(max_ptr + row, shift)
-    tl.store(logd_ptr + row, log_d)
+    tl.store(row_max_ptr + row, row_max)
+    tl.store(log_d_ptr + row, log_d)
     tl.store(dlse_ptr + row, dlse)
     if WRITE_STATS:
         # the terms before coefficients, for a vocabulary-parallel caller that
@@ -322,7 +318,7 @@ def ce_fwd_kernel(
             active = row_active(dlse, alpha, beta, HAS_SMOOTHING)
             g = grad_tile(z0_raw, n_head + j, j < tl.where(active, n_body, 0), active,
                           weight_ptr, tgt_row, stride_target_col, target,
-                          shift, log_d, dlse, alpha, beta, softcap,
+                          row_max, log_d, dlse, alpha, beta, softcap,
                           PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
             gfirst = row * stride_grad_row
             gbody0 = tl.multiple_of(gfirst + n_head * stride_grad_col, GRAD_VEC)
@@ -333,7 +329,7 @@ def ce_fwd_kernel(
         write_grad_row(logits_ptr, first, stride_logits_col,
                        grad_ptr, row * stride_grad_row, stride_grad_col,
                        weight_ptr, tgt_row, stride_target_col, target, n_cols,
-                       shift, log_d, dlse, alpha, beta, softcap, grad_lo,
+                       row_max, log_d, dlse, alpha, beta, softcap, grad_lo,
                        BLOCK_V, VEC, GRAD_VEC, WIDE_COLS, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
                        HAS_SOFTCAP)
 
@@ -344,9 +340,9 @@ def ce_bwd_kernel(
     logits_ptr,        # (n_rows, n_cols) the forward's logits
     target_ptr,        # (n_rows,) int class index, or (n_rows, n_cols) probabilities
     weight_ptr,        # (n_cols,) fp32 class weights          [HAS_WEIGHT]
-    max_ptr,           # (n_rows,) fp32 m saved by the forward
-    logd_ptr,          # (n_rows,) fp32 log d saved by the forward
-    s_coef_ptr,        # (n_rows,) fp32 grad_out * dlse (+ grad of lse)
+    row_max_ptr,           # (n_rows,) fp32 m saved by the forward
+    log_d_ptr,          # (n_rows,) fp32 log d saved by the forward
+    dlse_ptr,        # (n_rows,) fp32 grad_out * dlse (+ grad of lse)
     alpha_ptr,         # (n_rows,) fp32 grad_out * alpha
     beta_ptr,          # (n_rows,) fp32 grad_out * beta           [HAS_SMOOTHING]
     grad_ptr,          # (n_rows, n_cols) out; may alias logits
@@ -371,9 +367,9 @@ def ce_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     tgt_row = target_ptr + row * stride_target_row
 
-    shift = tl.load(max_ptr + row)
-    log_d = tl.load(logd_ptr + row)
-    s_coef = tl.load(s_coef_ptr + row)
+    row_max = tl.load(row_max_ptr + row)
+    log_d = tl.load(log_d_ptr + row)
+    dlse = tl.load(dlse_ptr + row)
     alpha = tl.load(alpha_ptr + row)
     beta = 0.0
     if HAS_SMOOTHING:
@@ -385,7 +381,7 @@ def ce_bwd_kernel(
     write_grad_row(logits_ptr, row * stride_logits_row, stride_logits_col,
                    grad_ptr, row * stride_grad_row, stride_grad_col,
                    weight_ptr, tgt_row, stride_target_col, target, n_cols,
-                   shift, log_d, s_coef, alpha, beta, softcap, 0,
+                   row_max, log_d, dlse, alpha, beta, softcap, 0,
                    BLOCK_V, VEC, GRAD_VEC, WIDE_COLS, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 
 
@@ -421,7 +417,7 @@ def ce_scale_kernel(
 
 
 
-_DECORATED_FOR_INTERPRETER = type(ce_fwd_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = type(ce_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 # ----------------------------------------------------------------------------

@@ -148,8 +148,8 @@ def lce_fwd_kernel(
     bias_ptr,         # (V,) head bias                          [HAS_BIAS]
     target_ptr,       # (N,) class indices
     cw_ptr,           # (V,) fp32 class weights                [HAS_CLASS_WEIGHT]
-    m_ptr,            # (N,) fp32 in/out: running max, -inf on entry
-    d_ptr,            # (N,) fp32 in/out: running sum-exp, 0 on entry
+    row_max_ptr,            # (N,) fp32 in/out: running max, -inf on entry
+    sum_exp_ptr,            # (N,) fp32 in/out: running sum-exp, 0 on entry
     zt_ptr,           # (N,) fp32 out: z'_target
     swz_ptr,          # (N,) fp32 in/out: sum w z', 0 on entry  [HAS_SMOOTHING]
     lock_ptr,         # (cdiv(N, BLOCK_N),) int32 zeros: one lock per row block
@@ -200,13 +200,13 @@ def lce_fwd_kernel(
     lock = lock_ptr + pid_n
     while tl.atomic_cas(lock, 0, 1, sem="acquire") == 1:
         pass
-    m = tl.load(m_ptr + rows, mask=row_mask, other=float("-inf"))
-    d = tl.load(d_ptr + rows, mask=row_mask, other=0.0)
+    m = tl.load(row_max_ptr + rows, mask=row_mask, other=float("-inf"))
+    d = tl.load(sum_exp_ptr + rows, mask=row_mask, other=0.0)
     m_new = tl.maximum(m, m_t)
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     d = d * tl.exp(m - shift) + d_t * tl.exp(m_t - shift)
-    tl.store(m_ptr + rows, m_new, mask=row_mask)
-    tl.store(d_ptr + rows, d, mask=row_mask)
+    tl.store(row_max_ptr + rows, m_new, mask=row_mask)
+    tl.store(sum_exp_ptr + rows, d, mask=row_mask)
     tl.debug_barrier()
     tl.atomic_xchg(lock, 0, sem="release")
 
@@ -219,9 +219,9 @@ def lce_bwd_kernel(
     bias_ptr,         # (V,) head bias                          [HAS_BIAS]
     target_ptr,       # (N,) class indices
     cw_ptr,           # (V,) fp32 class weights                [HAS_CLASS_WEIGHT]
-    max_ptr,          # (N,) fp32 row max m from the forward
-    logd_ptr,         # (N,) fp32 log d from the forward (lse = m + log d, kept apart)
-    s_coef_ptr,       # (N,) fp32 grad_out * dloss/dlse
+    row_max_ptr,          # (N,) fp32 row max m from the forward
+    log_d_ptr,         # (N,) fp32 log d from the forward (lse = m + log d, kept apart)
+    dlse_ptr,       # (N,) fp32 grad_out * dloss/dlse
     alpha_ptr,        # (N,) fp32 grad_out * alpha
     beta_ptr,         # (N,) fp32 grad_out * beta               [HAS_SMOOTHING]
     dx_ptr,           # (N, D) fp32 accumulator, zeros on entry [COMPUTE_DX]
@@ -249,13 +249,13 @@ def lce_bwd_kernel(
                          BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
                          UPCAST_DOT)
 
-    shift = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
-    log_d = tl.load(logd_ptr + rows, mask=row_mask, other=0.0)
-    s_coef = tl.load(s_coef_ptr + rows, mask=row_mask, other=0.0)
+    row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+    log_d = tl.load(log_d_ptr + rows, mask=row_mask, other=0.0)
+    dlse = tl.load(dlse_ptr + rows, mask=row_mask, other=0.0)
     alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
     target = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=-1).to(tl.int64)
 
-    g = s_coef[:, None] * tl.exp((z - shift[:, None]) - log_d[:, None])
+    g = dlse[:, None] * tl.exp((z - row_max[:, None]) - log_d[:, None])
     g -= tl.where(vcols[None, :] == target[:, None], alpha[:, None], 0.0)
     if HAS_SMOOTHING:
         beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
@@ -302,7 +302,7 @@ _KEY = ["n_vocab", "dim", "HAS_BIAS", "HAS_CLASS_WEIGHT", "HAS_SMOOTHING", "HAS_
 # tuning trials must start from the same state each time.
 lce_fwd_tuned = triton.autotune(configs=lce_configs("fwd"), key=_KEY,
                                 prune_configs_by={"early_config_prune": _prune_to_dtype("fwd")},
-                                restore_value=["m_ptr", "d_ptr", "swz_ptr", "lock_ptr"])(lce_fwd_kernel)
+                                restore_value=["row_max_ptr", "sum_exp_ptr", "swz_ptr", "lock_ptr"])(lce_fwd_kernel)
 lce_bwd_tuned = triton.autotune(configs=lce_configs("bwd"),
                                 key=_KEY + ["COMPUTE_DX", "COMPUTE_DW", "COMPUTE_DB"],
                                 prune_configs_by={"early_config_prune": _prune_to_dtype("bwd")},

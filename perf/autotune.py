@@ -5,7 +5,7 @@ softmax_ce.kernels.tuning.config_for).
 For each kernel (ce_fwd, ce_bwd, ce_scale; lce_fwd, lce_bwd with --linear) and each
 (vocabulary size, dtype), every config of the kernel's own list (fwd_configs(),
 bwd_configs(), scale_configs(), lce_configs()) is launched on the RAW @triton.jit kernel
-with the arguments the package's launcher (softmax_ce/_launch.py, _launch_linear.py)
+with the arguments the package's launcher (softmax_ce/_triton_path.py)
 passes, for the common case the table is tuned for: class-index targets, no class
 weight, label smoothing, z-loss, softcap or bias, reduction "mean" (alpha = 1/N).
 Arguments are matched to the kernel's parameters BY NAME (ARG_ROLES below), so a
@@ -320,7 +320,7 @@ class CEProblem:
             flags.update(VEC=CE.vec_width(g), WIDE_COLS=CE.wide_cols(self.v, g.stride(1)))
         else:
             write_grad = kernel == "ce_bwd" or flags.get("WRITE_GRAD", False)
-            # the 16-byte access widths, as the launcher (softmax_ce/_launch.py) sets them
+            # the 16-byte access widths, as the launcher (softmax_ce/_triton_path.py) sets them
             flags.update(VEC=CE.vec_width(x),
                          GRAD_VEC=CE.grad_vec_width(x, out_grad if write_grad else None),
                          WIDE_COLS=CE.wide_cols(self.v, x.stride(1)))
@@ -337,10 +337,10 @@ class CEProblem:
                 grad_ptr=out_grad if write_grad else x)
             if kernel == "ce_fwd":
                 values.update(alpha_ptr=self.alpha, loss_ptr=self.loss,
-                              max_ptr=self.mx, logd_ptr=self.logd, dlse_ptr=self.dlse)
+                              row_max_ptr=self.mx, log_d_ptr=self.logd, dlse_ptr=self.dlse)
             else:
-                values.update(max_ptr=self.ref_mx, logd_ptr=self.ref_logd,
-                              s_coef_ptr=self.s_coef, alpha_ptr=self.alpha_b)
+                values.update(row_max_ptr=self.ref_mx, log_d_ptr=self.ref_logd,
+                              dlse_ptr=self.s_coef, alpha_ptr=self.alpha_b)
         args, kwargs = launch_args(kernel, spec.raw, values, flags, meta, self.alpha)
         launch = Call(spec.raw, (self.n,), args, {**meta, **kwargs}, cfg.num_warps, cfg.num_stages)
 
@@ -402,7 +402,7 @@ class LCEProblem:
         self.alpha_b = self.alpha * GRAD_OUT
         self.rows = slice(0, min(n, CHECK_ROWS))
         # fp32 inputs run the dot in full precision unless the user allows tf32, as
-        # softmax_ce._launch_linear._dot_precision decides
+        # softmax_ce._triton_path._dot_precision decides
         self.dot = ("ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
                     else "tf32")
 
@@ -429,7 +429,7 @@ class LCEProblem:
                       stride_target=self.target.stride(0), softcap=1.0)
         flags = dict(variant.flags, DOT_PRECISION=self.dot)
         if kernel == "lce_fwd":
-            values.update(m_ptr=self.m, d_ptr=self.dsum, zt_ptr=self.zt, swz_ptr=self.swz,
+            values.update(row_max_ptr=self.m, sum_exp_ptr=self.dsum, zt_ptr=self.zt, swz_ptr=self.swz,
                           lock_ptr=self.locks)
 
             def setup():  # the kernel folds tiles into running (m, d): start from scratch
@@ -439,8 +439,8 @@ class LCEProblem:
                 self.swz.zero_()
                 self.locks.zero_()
         else:
-            values.update(max_ptr=self.ref_mx, logd_ptr=self.ref_logd,
-                          s_coef_ptr=self.s_coef, alpha_ptr=self.alpha_b,
+            values.update(row_max_ptr=self.ref_mx, log_d_ptr=self.ref_logd,
+                          dlse_ptr=self.s_coef, alpha_ptr=self.alpha_b,
                           dx_ptr=self.dx, dw_ptr=self.dw, db_ptr=self.db)
 
             def setup():  # atomically accumulated gradients start at zero

@@ -415,12 +415,11 @@ def modes_to_run(run, p, modes, todo, base, skipped):
 
 
 def softmax_ce_path(x) -> str:
-    uses_triton = getattr(softmax_ce.functional, "uses_triton", None)
-    if uses_triton is None:
-        return ""
+    from softmax_ce import _launch
+
     if x.is_cuda:
         return ""
-    return "cpu: Triton interpreter" if uses_triton(x) else "cpu: PyTorch chunked path"
+    return "cpu: Triton interpreter" if _launch.uses_triton(x) else "cpu: PyTorch chunked path"
 
 
 # ----------------------------------------------------------------------------

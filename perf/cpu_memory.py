@@ -128,7 +128,7 @@ def _train_step(fn, h, w, target):
 def measure(provider, rows, vocab, hidden):
     """Peak RSS of one step beyond its inputs, in this process (meant to be a fresh one)."""
     import torch
-    from softmax_ce import _launch  # uses_triton: which softmax_ce path a CPU tensor takes
+    from softmax_ce import _launch, _torch_path  # which path a CPU tensor takes; its chunk
 
     fn = _loss_fn(provider)
     # Lazy one-time costs (BLAS and OpenMP pools, autograd and custom-op dispatch)
@@ -157,7 +157,7 @@ def measure(provider, rows, vocab, hidden):
         loss=loss,
         seconds=seconds,
         path="Triton" if _launch.uses_triton(torch.empty(1)) else "PyTorch chunked",
-        chunk_elements=_launch.CHUNK_ELEMENTS,
+        chunk_elements=_torch_path.CHUNK_ELEMENTS,
     )
 
 
@@ -245,10 +245,10 @@ def main(argv=None):
         print(RESULT_MARK + json.dumps(result), flush=True)
         return [dict(result, provider=provider.name, limit=None, error=None)]
 
-    from softmax_ce import _launch
+    from softmax_ce import _torch_path
     logits_bytes = args.rows * args.vocab * 4
-    enforced = args.rows * args.vocab >= ENFORCE_MIN_CHUNKS * _launch.CHUNK_ELEMENTS
-    print(header(args, _launch.CHUNK_ELEMENTS), flush=True)
+    enforced = args.rows * args.vocab >= ENFORCE_MIN_CHUNKS * _torch_path.CHUNK_ELEMENTS
+    print(header(args, _torch_path.CHUNK_ELEMENTS), flush=True)
 
     rows = []
     for provider in args.selected:  # one at a time: torch alone needs ~5 logits of RAM
@@ -279,7 +279,7 @@ def main(argv=None):
             print(f"{r['provider']}: {r['error']}")
     if not enforced:
         print(f"* not enforced: {args.rows}x{args.vocab} logits are under {ENFORCE_MIN_CHUNKS} "
-              f"chunks of {_launch.CHUNK_ELEMENTS}, so fixed-size chunk temporaries dominate")
+              f"chunks of {_torch_path.CHUNK_ELEMENTS}, so fixed-size chunk temporaries dominate")
     return rows
 
 

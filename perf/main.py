@@ -127,10 +127,10 @@ def device_name(device: torch.device) -> str:
 
 
 def softmax_ce_path(logits: torch.Tensor) -> str:
-    from softmax_ce import _launch  # uses_triton / CHUNK_ELEMENTS: the package's own dispatch
+    from softmax_ce import _launch, _torch_path  # the package's own dispatch and chunk size
     if _launch.uses_triton(logits):
         return "Triton interpreter (TRITON_INTERPRET=1)" if interpreting() else "Triton kernels"
-    return f"PyTorch chunked path ({_launch.CHUNK_ELEMENTS} logits per chunk)"
+    return f"PyTorch chunked path ({_torch_path.CHUNK_ELEMENTS} logits per chunk)"
 
 
 # ----------------------------------------------------------------------------

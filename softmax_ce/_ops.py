@@ -1,5 +1,7 @@
 """The launchers registered as PyTorch custom ops (namespace `softmax_ce`).
 
+Layer: above `_launch` (its only import in the package), below the autograd Functions.
+
 Registering them makes the kernels opaque, well-described nodes for
 torch.compile (fullgraph tracing) and for CUDA graphs: no op here synchronises with
 the host.  The functional ops allocate their outputs and call a launcher of
@@ -17,7 +19,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _launch, _launch_linear
+from . import _launch
 
 
 def _row_outputs(logits: Tensor, count: int = 4):
@@ -30,54 +32,54 @@ def _row_outputs(logits: Tensor, count: int = 4):
 def fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
         beta: Optional[Tensor], zeta: Optional[Tensor], prob_target: bool,
         softcap: Optional[float]) -> List[Tensor]:
-    """-> [loss, mx, logd, dlse], each (n_rows,) fp32; lse = mx + logd."""
-    loss, mx, logd, dlse = _row_outputs(logits)
-    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse, None,
+    """-> [loss, row_max, log_d, dlse], each (n_rows,) fp32; lse = row_max + log_d."""
+    loss, row_max, log_d, dlse = _row_outputs(logits)
+    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse, None,
                          prob_target, softcap)
-    return [loss, mx, logd, dlse]
+    return [loss, row_max, log_d, dlse]
 
 
 @torch.library.custom_op("softmax_ce::fwd_grad", mutates_args=())
 def fwd_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
              beta: Optional[Tensor], zeta: Optional[Tensor], prob_target: bool,
              softcap: Optional[float]) -> List[Tensor]:
-    """Fused: -> [loss, mx, logd, dlse, grad]; grad (n_rows, n_cols) is for grad_output = 1."""
-    loss, mx, logd, dlse = _row_outputs(logits)
+    """Fused: -> [loss, row_max, log_d, dlse, grad]; grad (n_rows, n_cols) is for grad_output = 1."""
+    loss, row_max, log_d, dlse = _row_outputs(logits)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse, grad,
+    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse, grad,
                          prob_target, softcap)
-    return [loss, mx, logd, dlse, grad]
+    return [loss, row_max, log_d, dlse, grad]
 
 
 @torch.library.custom_op("softmax_ce::fwd_grad_",
-                         mutates_args=("logits", "loss", "mx", "logd", "dlse"))
+                         mutates_args=("logits", "loss", "row_max", "log_d", "dlse"))
 def fwd_grad_(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Tensor,
               beta: Optional[Tensor], zeta: Optional[Tensor], prob_target: bool,
-              softcap: Optional[float], loss: Tensor, mx: Tensor, logd: Tensor,
+              softcap: Optional[float], loss: Tensor, row_max: Tensor, log_d: Tensor,
               dlse: Tensor) -> None:
     """Fused, in place: the logits are overwritten by the gradient for grad_output = 1;
-    the row outputs loss, mx, logd, dlse ((n_rows,) fp32) are written."""
-    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse, logits,
+    the row outputs loss, row_max, log_d, dlse ((n_rows,) fp32) are written."""
+    _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse, logits,
                          prob_target, softcap)
 
 
 @torch.library.custom_op("softmax_ce::bwd", mutates_args=())
-def bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], mx: Tensor, logd: Tensor,
-        s_coef: Tensor, alpha: Tensor, beta: Optional[Tensor], prob_target: bool,
+def bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor, log_d: Tensor,
+        dlse: Tensor, alpha: Tensor, beta: Optional[Tensor], prob_target: bool,
         softcap: Optional[float]) -> Tensor:
     """Recompute strategy: -> grad (n_rows, n_cols), grad_output already in the coefficients."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _launch.backward_into(logits, target, weight, mx, logd, s_coef, alpha, beta, grad,
+    _launch.backward_into(logits, target, weight, row_max, log_d, dlse, alpha, beta, grad,
                           prob_target, softcap)
     return grad
 
 
 @torch.library.custom_op("softmax_ce::bwd_", mutates_args=("logits",))
-def bwd_(logits: Tensor, target: Tensor, weight: Optional[Tensor], mx: Tensor, logd: Tensor,
-         s_coef: Tensor, alpha: Tensor, beta: Optional[Tensor], prob_target: bool,
+def bwd_(logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor, log_d: Tensor,
+         dlse: Tensor, alpha: Tensor, beta: Optional[Tensor], prob_target: bool,
          softcap: Optional[float]) -> None:
     """Recompute strategy, in place: the logits are overwritten by the gradient."""
-    _launch.backward_into(logits, target, weight, mx, logd, s_coef, alpha, beta, logits,
+    _launch.backward_into(logits, target, weight, row_max, log_d, dlse, alpha, beta, logits,
                           prob_target, softcap)
 
 
@@ -91,20 +93,20 @@ def scale_(grad: Tensor, scale: Tensor) -> None:
 def fwd_stats(logits: Tensor, target: Tensor, weight: Optional[Tensor], need_smooth: bool,
               prob_target: bool, softcap: Optional[float]) -> List[Tensor]:
     """One vocabulary slice's row statistics, for softmax_ce.distributed:
-    -> [mx, logd, stats]; stats (n_rows, 3): lse - z'_t (or sum w y (lse - z')),
-    sum w (lse - z'), sum w y, each about this slice's own lse = mx + logd."""
+    -> [row_max, log_d, stats]; stats (n_rows, 3): lse - z'_t (or sum w y (lse - z')),
+    sum w (lse - z'), sum w y, each about this slice's own lse = row_max + log_d."""
     ones = _row_outputs(logits, 1)[0].fill_(1.0)
-    loss, mx, logd, dlse = _row_outputs(logits)
+    loss, row_max, log_d, dlse = _row_outputs(logits)
     stats = ones.new_zeros(logits.shape[0], 3)
     _launch.forward_into(logits, target, weight, ones, ones if need_smooth else None, None,
-                         loss, mx, logd, dlse, None, prob_target, softcap, stats)
-    return [mx, logd, stats]
+                         loss, row_max, log_d, dlse, None, prob_target, softcap, stats)
+    return [row_max, log_d, stats]
 
 
 @fwd_stats.register_fake
 def _(logits, target, weight, need_smooth, prob_target, softcap):
-    mx, logd = _row_outputs(logits, 2)
-    return [mx, logd, mx.new_empty(logits.shape[0], 3)]
+    row_max, log_d = _row_outputs(logits, 2)
+    return [row_max, log_d, row_max.new_empty(logits.shape[0], 3)]
 
 
 @fwd.register_fake
@@ -118,17 +120,17 @@ def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap):
 
 
 @fwd_grad_.register_fake
-def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap, loss, mx, logd, dlse):
+def _(logits, target, weight, alpha, beta, zeta, prob_target, softcap, loss, row_max, log_d, dlse):
     return None
 
 
 @bwd.register_fake
-def _(logits, target, weight, mx, logd, s_coef, alpha, beta, prob_target, softcap):
+def _(logits, target, weight, row_max, log_d, dlse, alpha, beta, prob_target, softcap):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @bwd_.register_fake
-def _(logits, target, weight, mx, logd, s_coef, alpha, beta, prob_target, softcap):
+def _(logits, target, weight, row_max, log_d, dlse, alpha, beta, prob_target, softcap):
     return None
 
 
@@ -145,17 +147,17 @@ def _(grad, scale):
 def lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
             class_weight: Optional[Tensor], alpha: Tensor, beta: Optional[Tensor],
             zeta: Optional[Tensor], softcap: Optional[float]) -> List[Tensor]:
-    """-> [loss_rows, mx, logd, dlse], each (N,) fp32; the (N, V) logits are never stored."""
-    return list(_launch_linear.forward(x, w, b, target, class_weight, alpha, beta, zeta, softcap))
+    """-> [loss_rows, row_max, log_d, dlse], each (N,) fp32; the (N, V) logits are never stored."""
+    return list(_launch.linear_forward(x, w, b, target, class_weight, alpha, beta, zeta, softcap))
 
 
 @torch.library.custom_op("softmax_ce::lce_bwd", mutates_args=())
 def lce_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
-            class_weight: Optional[Tensor], mx: Tensor, logd: Tensor, s_coef: Tensor, alpha: Tensor,
+            class_weight: Optional[Tensor], row_max: Tensor, log_d: Tensor, dlse: Tensor, alpha: Tensor,
             beta: Optional[Tensor], softcap: Optional[float], need_dx: bool, need_dw: bool,
             need_db: bool) -> List[Tensor]:
     """-> [dx (N, D), dw (V, D), db (V,)] in fp32, each empty when not needed."""
-    return list(_launch_linear.backward(x, w, b, target, class_weight, mx, logd, s_coef, alpha, beta,
+    return list(_launch.linear_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta,
                                         softcap, need_dx, need_dw, need_db))
 
 
@@ -164,20 +166,20 @@ def lce_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
               class_weight: Optional[Tensor], need_smooth: bool,
               softcap: Optional[float]) -> List[Tensor]:
     """One vocabulary slice's row statistics of x @ w.T + b, for softmax_ce.distributed:
-    -> [mx, logd, target_term, smooth_term] ((N,) each; smooth_term empty without
-    smoothing), about this slice's own lse = mx + logd."""
-    mx, logd, target_term, smooth_term = _launch_linear.stats(x, w, b, target, class_weight,
+    -> [row_max, log_d, target_term, smooth_term] ((N,) each; smooth_term empty without
+    smoothing), about this slice's own lse = row_max + log_d."""
+    row_max, log_d, target_term, smooth_term = _launch.linear_stats(x, w, b, target, class_weight,
                                                               need_smooth, softcap)
     # the PyTorch path hands back columns of one (N, 3) tensor; an op's outputs may not
     # alias each other, so each leaves as its own (N,) copy
-    return [mx, logd, target_term.clone(),
-            smooth_term.clone() if smooth_term is not None else mx.new_empty(0)]
+    return [row_max, log_d, target_term.clone(),
+            smooth_term.clone() if smooth_term is not None else row_max.new_empty(0)]
 
 
 @lce_stats.register_fake
 def _(x, w, b, target, class_weight, need_smooth, softcap):
-    mx, logd, target_term = _row_outputs(x, 3)
-    return [mx, logd, target_term, mx.new_empty(x.shape[0] if need_smooth else 0)]
+    row_max, log_d, target_term = _row_outputs(x, 3)
+    return [row_max, log_d, target_term, row_max.new_empty(x.shape[0] if need_smooth else 0)]
 
 
 @lce_fwd.register_fake
@@ -186,12 +188,12 @@ def _(x, w, b, target, class_weight, alpha, beta, zeta, softcap):
 
 
 @lce_bwd.register_fake
-def _(x, w, b, target, class_weight, mx, logd, s_coef, alpha, beta, softcap, need_dx, need_dw,
+def _(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta, softcap, need_dx, need_dw,
       need_db):
     n, d = x.shape
     v = w.shape[0]
-    return [mx.new_empty((n, d) if need_dx else (0,)), mx.new_empty((v, d) if need_dw else (0,)),
-            mx.new_empty((v,) if need_db else (0,))]
+    return [row_max.new_empty((n, d) if need_dx else (0,)), row_max.new_empty((v, d) if need_dw else (0,)),
+            row_max.new_empty((v,) if need_db else (0,))]
 
 
 # ----------------------------------------------------------------------------
@@ -203,25 +205,25 @@ def _compiling() -> bool:
 
 
 def inplace_fwd_grad(logits, target, weight, alpha, beta, zeta, prob_target, softcap):
-    """fwd_grad_ with fresh row outputs -> [loss, mx, logd, dlse]; the logits now hold the
+    """fwd_grad_ with fresh row outputs -> [loss, row_max, log_d, dlse]; the logits now hold the
     gradient.  The op under torch.compile, its launcher otherwise."""
-    loss, mx, logd, dlse = _row_outputs(logits)
+    loss, row_max, log_d, dlse = _row_outputs(logits)
     if _compiling():
         fwd_grad_(logits, target, weight, alpha, beta, zeta, prob_target, softcap,
-                  loss, mx, logd, dlse)
+                  loss, row_max, log_d, dlse)
     else:
-        _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, mx, logd, dlse,
+        _launch.forward_into(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse,
                              logits, prob_target, softcap)
         torch.autograd.graph.increment_version(logits)
-    return [loss, mx, logd, dlse]
+    return [loss, row_max, log_d, dlse]
 
 
-def inplace_bwd(logits, target, weight, mx, logd, s_coef, alpha, beta, prob_target, softcap):
+def inplace_bwd(logits, target, weight, row_max, log_d, dlse, alpha, beta, prob_target, softcap):
     """bwd_: the logits are overwritten by the gradient (op under compile, launcher otherwise)."""
     if _compiling():
-        bwd_(logits, target, weight, mx, logd, s_coef, alpha, beta, prob_target, softcap)
+        bwd_(logits, target, weight, row_max, log_d, dlse, alpha, beta, prob_target, softcap)
     else:
-        _launch.backward_into(logits, target, weight, mx, logd, s_coef, alpha, beta, logits,
+        _launch.backward_into(logits, target, weight, row_max, log_d, dlse, alpha, beta, logits,
                               prob_target, softcap)
         torch.autograd.graph.increment_version(logits)
 

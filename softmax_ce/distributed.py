@@ -1,5 +1,8 @@
 """Vocabulary-parallel cross-entropy over torch.distributed (tensor-parallel LM heads).
 
+Layer: beside the public functions, built on the layers below them (_rows, _ops,
+_autograd), never on the public functions themselves.
+
 Each rank of `process_group` holds a contiguous slice of the vocabulary, slices in
 rank order (uneven slices are fine): the class dimension of the logits, or the rows
 of the LM-head weight.  No logits are gathered.  Per token, each rank reduces its
@@ -33,17 +36,18 @@ all ranks at once: on CPU they all redo the step with fresh sizes, on CUDA a
 device-side assert fires (deciding to redo would need a host synchronisation).
 """
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _launch_linear, _ops
-from .functional import _check_target_range, _coefficients, _fail, recompute_grad
+from . import _ops
+from ._autograd import recompute_grad
+from ._rows import check_target_range, coefficients, compose_rows, fail
 
 # columns of the gathered per-row statistics
-_MAX, _LOGD, _TARGET, _SMOOTH, _SWY, _OWNER, _WT, _WSLICE = range(8)
+_ROW_MAX, _LOG_D, _TARGET, _SMOOTH, _SWY, _OWNER, _TARGET_WEIGHT, _SLICE_WEIGHT = range(8)
 N_STATS = 8
 
 # torch renamed all_gather_into_tensor to all_gather_single (2.13); accept either
@@ -112,7 +116,7 @@ def forget_slices() -> None:
 def _check_targets(target2, ignore_index, n_global, api):
     """Class targets in [0, V) of the whole vocabulary, or ignore_index (as unsharded)."""
     valid = target2.long() != ignore_index  # int64: uint8 would wrap -100 to 156
-    _check_target_range(target2, valid, n_global, ignore_index, api)
+    check_target_range(target2, valid, n_global, ignore_index, api)
 
 
 def _local_targets(target2, offset, n_local, ignore_index):
@@ -128,7 +132,7 @@ def _slice_weight(weight, offset, n_local, n_global, dtype, device, api, name):
     if weight is None:
         return None
     if weight.dim() != 1 or weight.numel() not in (n_global, n_local):
-        _fail(RuntimeError, f"{name} must have {n_global} entries (every class) or {n_local} "
+        fail(RuntimeError, f"{name} must have {n_global} entries (every class) or {n_local} "
                             f"(this rank's slice), got {tuple(weight.shape)}", api)
     if weight.numel() == n_global:
         weight = weight[offset:offset + n_local]
@@ -142,48 +146,48 @@ def _combine(gathered: Tensor, prob_target: bool):
     difference delta_r = lse - lse_r is formed as (m - m_r) + (log d - log d_r), never by
     subtracting two rounded lse values (rows near +-1e4 would lose ~1e-3 to that).
     """
-    m_r, logd_r = gathered[..., _MAX], gathered[..., _LOGD]
+    m_r, log_d_r = gathered[..., _ROW_MAX], gathered[..., _LOG_D]
     # a slice with no probability mass (empty, or all -inf) has log d_r = -inf
-    empty = torch.isneginf(logd_r)
+    empty = torch.isneginf(log_d_r)
     m = torch.where(empty, float("-inf"), m_r).amax(dim=0)
     m = torch.where(torch.isneginf(m), 0.0, m)
-    log_d = torch.logsumexp(logd_r + (m_r - m[None]), dim=0)
-    delta = torch.where(empty, 0.0, (m[None] - m_r) + (log_d[None] - logd_r))
+    log_d = torch.logsumexp(log_d_r + (m_r - m[None]), dim=0)
+    delta = torch.where(empty, 0.0, (m[None] - m_r) + (log_d[None] - log_d_r))
     owner = gathered[..., _OWNER]
     if prob_target:
         target_term = (gathered[..., _TARGET] + gathered[..., _SWY] * delta).sum(0)
     else:
         target_term = torch.where(owner != 0, gathered[..., _TARGET] + delta, 0.0).sum(0)
-    smooth_term = (gathered[..., _SMOOTH] + gathered[..., _WSLICE] * delta).sum(0)
+    smooth_term = (gathered[..., _SMOOTH] + gathered[..., _SLICE_WEIGHT] * delta).sum(0)
     s_wy = gathered[..., _SWY].sum(0)
-    w_target = (gathered[..., _WT] * owner).sum(0)
-    W = gathered[:, :1, _WSLICE].sum()  # the same in every row; :1 keeps N = 0 working
+    w_target = (gathered[..., _TARGET_WEIGHT] * owner).sum(0)
+    W = gathered[:, :1, _SLICE_WEIGHT].sum()  # the same in every row; :1 keeps N = 0 working
     return m, log_d, target_term, smooth_term, s_wy, w_target, W
 
 
-def _local_stats(mx, logd, target_term, smooth_term, s_wy, owned, weight_local, local_t, n_local):
-    """This rank's (N, 8) fp32 rows for the all-gather (columns: see _MAX ... _WSLICE)."""
-    zeros = torch.zeros_like(mx)
-    cols = [mx, logd, target_term,
+def _local_stats(row_max, log_d, target_term, smooth_term, s_wy, owned, weight_local, local_t, n_local):
+    """This rank's (N, 8) fp32 rows for the all-gather (columns: see _ROW_MAX ... _SLICE_WEIGHT)."""
+    zeros = torch.zeros_like(row_max)
+    cols = [row_max, log_d, target_term,
             smooth_term if smooth_term is not None else zeros,
             s_wy if s_wy is not None else zeros,
-            owned.to(mx.dtype) if owned is not None else torch.ones_like(mx)]
+            owned.to(row_max.dtype) if owned is not None else torch.ones_like(row_max)]
     if weight_local is not None and owned is not None and n_local > 0:
-        cols.append(weight_local.to(mx.dtype).gather(0, local_t.clamp(min=0)) * owned)
+        cols.append(weight_local.to(row_max.dtype).gather(0, local_t.clamp(min=0)) * owned)
     elif weight_local is not None and owned is not None:
         cols.append(zeros)  # an empty slice owns no target
     else:
-        cols.append(torch.ones_like(mx))
+        cols.append(torch.ones_like(row_max))
     W_r = weight_local.sum() if weight_local is not None else float(n_local)
-    cols.append(torch.ones_like(mx) * W_r)
+    cols.append(torch.ones_like(row_max) * W_r)
     return torch.stack(cols, dim=1)
 
 
 def _empty_slice_stats(n_rows, dtype, device, need_smooth):
     """m, log d, target and smoothing terms of a slice with no classes (no probability mass)."""
-    mx = torch.zeros(n_rows, dtype=dtype, device=device)
-    return (mx, torch.full_like(mx, float("-inf")), torch.zeros_like(mx),
-            torch.zeros_like(mx) if need_smooth else None)
+    row_max = torch.zeros(n_rows, dtype=dtype, device=device)
+    return (row_max, torch.full_like(row_max, float("-inf")), torch.zeros_like(row_max),
+            torch.zeros_like(row_max) if need_smooth else None)
 
 
 def _global_coefficients(gathered, prob_target, target2, ignore_index, has_weight, n_global,
@@ -195,9 +199,9 @@ def _global_coefficients(gathered, prob_target, target2, ignore_index, has_weigh
     else:
         valid = (target2.long() != ignore_index).to(m.dtype)
         rho = w_target * valid if has_weight else valid
-    alpha, beta, zeta, nan_if_empty = _coefficients(rho, valid, n_global, reduction,
+    alpha, beta, zeta, nan_if_empty = coefficients(rho, valid, n_global, reduction,
                                                     label_smoothing, z_loss)
-    loss, dlse = _launch_linear.compose_rows(m + log_d, target_term, smooth_term, alpha, beta,
+    loss, dlse = compose_rows(m + log_d, target_term, smooth_term, alpha, beta,
                                              zeta, W, s_wy if prob_target else None)
     if nan_if_empty is None:
         nan_if_empty = torch.zeros((), dtype=m.dtype, device=m.device)
@@ -232,48 +236,48 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
                 local_t, owned = _local_targets(target2, offset, n_local, ignore_index)
             kernel_weight = weight_local if (prob_target or need_smooth) else None
             if n_local > 0:
-                mx_r, logd_r, stats = _ops.fwd_stats(logits, local_t, kernel_weight, need_smooth,
+                row_max_r, log_d_r, stats = _ops.fwd_stats(logits, local_t, kernel_weight, need_smooth,
                                                      prob_target, softcap)
             else:
                 stats = torch.zeros(n_rows, 3, dtype=row_dtype, device=logits.device)
-                mx_r, logd_r, _, _ = _empty_slice_stats(n_rows, row_dtype, logits.device, False)
+                row_max_r, log_d_r, _, _ = _empty_slice_stats(n_rows, row_dtype, logits.device, False)
             kept.update(local_t=local_t, weight_local=weight_local, kernel_weight=kernel_weight)
-            return _local_stats(mx_r, logd_r, stats[:, 0], stats[:, 1] if need_smooth else None,
+            return _local_stats(row_max_r, log_d_r, stats[:, 0], stats[:, 1] if need_smooth else None,
                                 stats[:, 2] if prob_target else None, owned, weight_local,
                                 local_t, n_local)
 
         gathered, _, n_global = gather_statistics(group, n_local, logits.device, compute)
         if not prob_target:
             _check_targets(target2, ignore_index, n_global, api)
-        loss, mx, logd, dlse, alpha, beta, nan_if_empty = _global_coefficients(
+        loss, row_max, log_d, dlse, alpha, beta, nan_if_empty = _global_coefficients(
             gathered, prob_target, target2, ignore_index, weight is not None, n_global,
             reduction, label_smoothing, z_loss)
         ctx.prob_target, ctx.softcap, ctx.inplace = prob_target, softcap, inplace
-        ctx.save_for_backward(logits, kept["local_t"], kept["kernel_weight"], mx, logd, dlse,
+        ctx.save_for_backward(logits, kept["local_t"], kept["kernel_weight"], row_max, log_d, dlse,
                               alpha, beta)
         ctx.weight_local = kept["weight_local"]
-        lse = mx + logd
+        lse = row_max + log_d
         ctx.mark_non_differentiable(nan_if_empty)
         return loss, lse, nan_if_empty
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_nan):
-        logits, local_t, weight, mx, logd, dlse, alpha, beta = ctx.saved_tensors
+        logits, local_t, weight, row_max, log_d, dlse, alpha, beta = ctx.saved_tensors
         g = grad_loss.to(dlse.dtype)
         grad = grad_target = None
         if ctx.needs_input_grad[0]:
             if logits.shape[1] == 0:
                 grad = torch.zeros_like(logits)
             else:
-                grad = recompute_grad(logits, local_t, weight, mx, logd, dlse, alpha, beta,
+                grad = recompute_grad(logits, local_t, weight, row_max, log_d, dlse, alpha, beta,
                                       grad_loss, grad_lse, ctx.prob_target, ctx.softcap,
                                       ctx.inplace)
         if ctx.needs_target_grad:
             # d loss / d y = alpha * w * (lse - z'), this rank's slice of it
-            z = ctx.target_grad_logits.to(mx.dtype)
+            z = ctx.target_grad_logits.to(row_max.dtype)
             if ctx.softcap is not None:
                 z = ctx.softcap * torch.tanh(z / ctx.softcap)
-            grad_target = (g * alpha)[:, None] * ((mx[:, None] - z) + logd[:, None])
+            grad_target = (g * alpha)[:, None] * ((row_max[:, None] - z) + log_d[:, None])
             if ctx.weight_local is not None:
                 grad_target = grad_target * ctx.weight_local
         return (grad, grad_target) + (None,) * 10
@@ -312,34 +316,34 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
             local_t, owned = _local_targets(target2, offset, n_local, ignore_index)
             cw = cw_local if need_smooth else None
             if n_local > 0:
-                mx_r, logd_r, target_term, smooth_term = _ops.lce_stats(
+                row_max_r, log_d_r, target_term, smooth_term = _ops.lce_stats(
                     x, weight, bias, local_t, cw, need_smooth, softcap)
                 smooth_term = smooth_term if need_smooth else None
             else:
-                mx_r, logd_r, target_term, smooth_term = _empty_slice_stats(
+                row_max_r, log_d_r, target_term, smooth_term = _empty_slice_stats(
                     x.shape[0], row_dtype, x.device, need_smooth)
             kept.update(local_t=local_t, cw=cw, has_weight=cw_local is not None)
-            return _local_stats(mx_r, logd_r, target_term, smooth_term, None, owned, cw_local,
+            return _local_stats(row_max_r, log_d_r, target_term, smooth_term, None, owned, cw_local,
                                 local_t, n_local)
 
         gathered, _, n_global = gather_statistics(group, n_local, x.device, compute)
         _check_targets(target2, ignore_index, n_global, api)
-        loss, mx, logd, dlse, alpha, beta, nan_if_empty = _global_coefficients(
+        loss, row_max, log_d, dlse, alpha, beta, nan_if_empty = _global_coefficients(
             gathered, False, target2, ignore_index, kept["has_weight"], n_global,
             reduction, label_smoothing, z_loss)
         ctx.softcap, ctx.group = softcap, group
-        ctx.save_for_backward(x, weight, bias, kept["local_t"], kept["cw"], mx, logd, dlse,
+        ctx.save_for_backward(x, weight, bias, kept["local_t"], kept["cw"], row_max, log_d, dlse,
                               alpha, beta)
         ctx.mark_non_differentiable(nan_if_empty)
         return loss, nan_if_empty
 
     @staticmethod
     def backward(ctx, grad_loss, grad_nan):
-        x, weight, bias, local_t, cw, mx, logd, dlse, alpha, beta = ctx.saved_tensors
+        x, weight, bias, local_t, cw, row_max, log_d, dlse, alpha, beta = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         g = grad_loss.to(dlse.dtype)
         if weight.shape[0] > 0:
-            dx, dw, db = _ops.lce_bwd(x, weight, bias, local_t, cw, mx, logd, g * dlse, g * alpha,
+            dx, dw, db = _ops.lce_bwd(x, weight, bias, local_t, cw, row_max, log_d, g * dlse, g * alpha,
                                       g * beta if beta is not None else None, ctx.softcap,
                                       need_dx, need_dw, need_db and bias is not None)
         else:

@@ -39,6 +39,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import softmax_ce._launch as _launch  # noqa: E402
+import softmax_ce._torch_path as _torch_path  # noqa: E402
 from softmax_ce.kernels import cross_entropy as _K  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -86,10 +87,10 @@ def make_path(name: str, monkeypatch) -> Path:
             pytest.skip("CUDA-less only: the interpreter's tile size (CUDA autotunes BLOCK_V)")
         monkeypatch.setattr(_K, "interpreter_block", lambda n_cols: 16)
         return Path(name, "cpu", True)
-    # The pure-PyTorch path: TRITON_INTERPRET is read per launch by interpreting().
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # The pure-PyTorch path, routed explicitly (softmax_ce._launch.FORCED_BACKEND)
+    monkeypatch.setattr(_launch, "FORCED_BACKEND", "torch")
     if name == "torch_chunked":
-        monkeypatch.setattr(_launch, "CHUNK_ELEMENTS", TINY_CHUNK)
+        monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", TINY_CHUNK)
     return Path(name, "cpu", False)
 
 

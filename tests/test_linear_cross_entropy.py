@@ -10,7 +10,7 @@ F.linear(...) logits in float64), on each implementation path:
 * kernel_tiles16 : the interpreted kernels with 16 x 16 x 16 tiles, so that even the
                    small shapes span several row blocks, vocabulary blocks and steps of
                    the D loop, with masked tails in all three (CPU only);
-* torch          : the chunked PyTorch path (TRITON_INTERPRET=0 at call time) in one chunk;
+* torch          : the chunked PyTorch path (routed with _launch.FORCED_BACKEND) in one chunk;
 * torch_chunked  : the same with CHUNK_ELEMENTS small, so rows are walked in several chunks.
 """
 
@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import softmax_ce
 import softmax_ce._launch as _launch
+import softmax_ce._torch_path as _torch_path
 import softmax_ce._ops as _ops
 from softmax_ce._launch import uses_triton
 from softmax_ce.kernels import linear_cross_entropy as KL
@@ -54,9 +55,9 @@ def use_path(name, monkeypatch):
                             lambda n_rows, n_vocab, dim: dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16,
                                                               GROUP_N=2))
         return "cpu"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read per call by interpreting()
+    monkeypatch.setattr(_launch, "FORCED_BACKEND", "torch")
     if name == "torch_chunked":
-        monkeypatch.setattr(_launch, "CHUNK_ELEMENTS", CHUNK_SMALL)
+        monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", CHUNK_SMALL)
     return "cpu"
 
 
@@ -638,7 +639,7 @@ def test_no_n_by_v_tensor(name, reduction, monkeypatch):
     device = use_path(name, monkeypatch)
     if device != "cpu":
         pytest.skip("CPU: the dispatch mode wraps the CPU launchers")
-    monkeypatch.setattr(_launch, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", chunk)
     x, w, b, t = make_inputs(("nxv", name, reduction), N, D, V, bias=True, ignore_frac=0.1)
     xs, ws, bs = (leaf(v, device) for v in (x, w, b))
     cw = torch.rand(V, generator=gen("nxv_cw")) + 0.5

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 import softmax_ce
-import softmax_ce._launch as _launch
+import softmax_ce._triton_path as _triton  # the GPU launch path, driven with stand-ins
 from softmax_ce.kernels import cross_entropy as K
 from softmax_ce.kernels._online import to_store_dtype
 
@@ -249,7 +249,7 @@ class _FakeTuner(_FakeKernel):
 def gpu_launch_path(monkeypatch):
     """run_kernel as it runs on a GPU: no interpreter, our stand-ins for the kernels."""
     monkeypatch.setattr(K, "interpreting", lambda: False)
-    monkeypatch.setattr(_launch, "_PROBED", {})
+    monkeypatch.setattr(_triton, "_PROBED", {})
     guard_log = []
 
     @contextlib.contextmanager
@@ -258,7 +258,7 @@ def gpu_launch_path(monkeypatch):
         yield
         guard_log.pop()
 
-    monkeypatch.setattr(_launch, "device_guard", guard)
+    monkeypatch.setattr(_triton, "device_guard", guard)
     kernels = {}
     for name in ("ce_fwd", "ce_bwd", "ce_scale"):
         kernels[name] = _FakeKernel(guard_log)
@@ -273,20 +273,20 @@ def _row_vectors(n, count):
 
 
 def test_device_guard_names_the_tensors_device():
-    guard = _launch.device_guard(torch.device("cuda", 3))
+    guard = _triton.device_guard(torch.device("cuda", 3))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 3
-    assert isinstance(_launch.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(_triton.device_guard(torch.device("cpu")), contextlib.nullcontext)
 
 
 def test_every_launch_runs_under_its_tensors_device(gpu_launch_path, monkeypatch):
-    monkeypatch.setattr(_launch.tuning, "config_for",
+    monkeypatch.setattr(_triton.tuning, "config_for",
                         lambda *a: {"BLOCK_V": 1024, "num_warps": 4})
     x = torch.randn(8, 100)
     t = torch.randint(0, 100, (8,))
-    alpha, loss, mx, logd, dlse = _row_vectors(8, 5)
-    _launch._fwd_triton(x, t, None, alpha, None, None, loss, mx, logd, dlse, None, False, None)
-    _launch._bwd_triton(x, t, None, mx, logd, dlse, alpha, None, torch.empty_like(x), False, None)
-    _launch._scale_triton(torch.empty_like(x), torch.ones(8))
+    alpha, loss, row_max, log_d, dlse = _row_vectors(8, 5)
+    _triton.ce_forward(x, t, None, alpha, None, None, loss, row_max, log_d, dlse, None, False, None)
+    _triton.ce_backward(x, t, None, row_max, log_d, dlse, alpha, None, torch.empty_like(x), False, None)
+    _triton.ce_scale(torch.empty_like(x), torch.ones(8))
     for name in ("ce_fwd", "ce_bwd", "ce_scale"):
         (call,) = gpu_launch_path[name].calls
         assert call["guard"] == [x.device], name
@@ -297,19 +297,19 @@ def test_inplace_launch_is_tuned_on_a_probe(kernel, gpu_launch_path, monkeypatch
     """No table entry, so the config is autotuned: an in-place launch must tune on a copy
     of a few rows (out of place for fwd/bwd), then launch the real tensors once with the
     config found; a second call reuses it without tuning."""
-    monkeypatch.setattr(_launch.tuning, "config_for", lambda *a: None)
-    monkeypatch.setattr(_launch, "PROBE_ELEMENTS", 3 * 100)
+    monkeypatch.setattr(_triton.tuning, "config_for", lambda *a: None)
+    monkeypatch.setattr(_triton, "PROBE_ELEMENTS", 3 * 100)
     n, v = 50, 100
     x = torch.randn(n, v)
     t = torch.randint(0, v, (n,))
-    alpha, loss, mx, logd, dlse = _row_vectors(n, 5)
+    alpha, loss, row_max, log_d, dlse = _row_vectors(n, 5)
     for _ in range(2):
         if kernel == "ce_fwd":
-            _launch._fwd_triton(x, t, None, alpha, None, None, loss, mx, logd, dlse, x, False, None)
+            _triton.ce_forward(x, t, None, alpha, None, None, loss, row_max, log_d, dlse, x, False, None)
         elif kernel == "ce_bwd":
-            _launch._bwd_triton(x, t, None, mx, logd, dlse, alpha, None, x, False, None)
+            _triton.ce_backward(x, t, None, row_max, log_d, dlse, alpha, None, x, False, None)
         else:
-            _launch._scale_triton(x, torch.full((n,), 0.5))
+            _triton.ce_scale(x, torch.full((n,), 0.5))
     tuner, raw = gpu_launch_path[kernel + "_tuned"], gpu_launch_path[kernel]
     (trial,) = tuner.calls
     probe = trial["args"][0]
@@ -324,11 +324,11 @@ def test_inplace_launch_is_tuned_on_a_probe(kernel, gpu_launch_path, monkeypatch
 
 
 def test_out_of_place_launch_autotunes_on_its_own_tensors(gpu_launch_path, monkeypatch):
-    monkeypatch.setattr(_launch.tuning, "config_for", lambda *a: None)
+    monkeypatch.setattr(_triton.tuning, "config_for", lambda *a: None)
     x = torch.randn(6, 100)
     t = torch.randint(0, 100, (6,))
-    alpha, loss, mx, logd, dlse = _row_vectors(6, 5)
-    _launch._fwd_triton(x, t, None, alpha, None, None, loss, mx, logd, dlse, None, False, None)
+    alpha, loss, row_max, log_d, dlse = _row_vectors(6, 5)
+    _triton.ce_forward(x, t, None, alpha, None, None, loss, row_max, log_d, dlse, None, False, None)
     (call,) = gpu_launch_path["ce_fwd_tuned"].calls
     assert call["args"][0] is x and not gpu_launch_path["ce_fwd"].calls
 

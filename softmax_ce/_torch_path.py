@@ -1,0 +1,182 @@
+"""The chunked PyTorch back end: the kernels' math on a bounded number of rows at a time.
+
+Runs everything the Triton kernels do, with the same semantics, for CPU tensors when
+the kernels are not interpreted and for float64 anywhere (the fp32-accumulating kernels
+would not honour it).  It walks the rows in chunks of at most CHUNK_ELEMENTS logits, so
+its temporaries stay a fixed size however large the logits are; the linear
+cross-entropy computes each chunk's logits x_c @ W^T and reuses the same chunk math,
+so no N x V tensor exists.  Imports nothing of the package but its per-row math.
+
+Row vectors: row_max (m, 0 for an all -inf row), log_d (lse = row_max + log_d, kept
+apart for precision), dlse (d loss / d lse; in a backward, scaled by grad_output and
+plus the lse's own gradient), alpha, beta, zeta (see _rows).
+"""
+
+
+import torch
+from torch import Tensor
+
+# Rows per chunk: about 4M logits, so its few fp32 temporaries (upcast chunk, exp,
+# gradient) stay near 50 MB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def row_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of the per-row vectors: float64 for float64 inputs, else fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+def _chunks(n_rows: int, n_cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    for r0 in range(0, n_rows, step):
+        yield slice(r0, min(n_rows, r0 + step))
+
+def _softcapped(z: Tensor, softcap, need_slope: bool = True):
+    """z' and, for the chain rule, dz'/dz = sech^2(z / softcap) (None without a softcap).
+
+    The slope is 4 e / (1 + e)^2 with e = exp(-2|u|), as in the kernels
+    (_online.softcap_slope), never 1 - tanh^2, which cancels to 0 once |u| passes 9."""
+    if softcap is None:
+        return z, None
+    u = z / softcap
+    if not need_slope:
+        return torch.tanh(u).mul_(softcap), None
+    e = u.abs().mul_(-2.0).exp_()
+    slope = e.mul(4.0).div_((e + 1.0).square_())
+    return torch.tanh(u).mul_(softcap), slope
+
+def _grad_chunk(z, slope, target, weight, row_max, log_d, dlse, alpha, beta, prob_target):
+    """d loss / d z of a chunk; the same formula as kernels._online.grad_tile."""
+    g = (z - row_max[:, None]).sub_(log_d[:, None]).exp_().mul_(dlse[:, None])
+    if prob_target:
+        y = target.to(z.dtype) * alpha[:, None]  # never in place: target is the user's
+        if weight is not None:
+            y = y * weight
+        g.sub_(y)
+    else:
+        in_range = (target >= 0) & (target < z.shape[1])
+        cols = torch.where(in_range, target, 0).long()[:, None]
+        g.scatter_add_(1, cols, -torch.where(in_range, alpha, 0.0)[:, None].to(g.dtype))
+    if beta is not None:
+        g.sub_(beta[:, None] * (weight if weight is not None else 1.0))
+    if slope is not None:
+        g.mul_(slope)
+    active = (dlse != 0) | (alpha != 0)
+    if beta is not None:
+        active |= beta != 0
+    return g.masked_fill_(~active[:, None], 0.0)
+
+def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse, grad,
+               prob_target, softcap, stats=None):
+    n_rows, n_cols = logits.shape
+    cdt = row_dtype(logits)
+    w = weight.to(cdt) if weight is not None else None
+    for rows in _chunks(n_rows, n_cols):
+        z, slope = _softcapped(logits[rows].to(cdt), softcap, need_slope=grad is not None)
+        a = alpha[rows].to(cdt)
+        m = z.amax(dim=1)
+        row_max_c = torch.where(m == float("-inf"), 0.0, m)
+        log_d_c = (z - row_max_c[:, None]).exp_().sum(dim=1).log()
+        lse_c = row_max_c + log_d_c
+        t = target[rows]
+        s_wy = torch.zeros_like(lse_c)
+        if prob_target:
+            y = t.to(cdt)
+            wy = y * w if w is not None else y
+            logp = (z - row_max_c[:, None]) - log_d_c[:, None]  # not z - lse: exact near +-1e4
+            # y = 0 on a masked (-inf) logit contributes 0, not 0 * -inf
+            target_term = -torch.where(wy != 0, wy * logp, 0.0).sum(dim=1)
+            s_wy = wy.sum(dim=1)
+            dlse_c = a * s_wy
+        else:
+            in_range = (t >= 0) & (t < n_cols)
+            z_t = z.gather(1, torch.where(in_range, t, 0).long()[:, None])[:, 0]
+            z_t = torch.where(in_range, z_t, row_max_c)
+            target_term = (row_max_c - z_t) + log_d_c
+            dlse_c = a.clone()
+        loss_c = torch.where(a != 0, a * target_term, 0.0)
+        smooth = torch.zeros_like(lse_c)
+        if beta is not None:
+            b = beta[rows].to(cdt)
+            logp = (z - row_max_c[:, None]) - log_d_c[:, None]
+            W = w.sum() if w is not None else float(n_cols)
+            smooth = -(logp * w).sum(dim=1) if w is not None else -logp.sum(dim=1)
+            loss_c += torch.where(b != 0, b * smooth, 0.0)
+            dlse_c += b * W
+        if zeta is not None:
+            zt = zeta[rows].to(cdt)
+            loss_c += torch.where(zt != 0, zt * lse_c * lse_c, 0.0)
+            dlse_c += 2.0 * zt * lse_c
+        loss[rows] = loss_c
+        row_max[rows] = row_max_c
+        log_d[rows] = log_d_c
+        dlse[rows] = dlse_c
+        if stats is not None:
+            stats[rows] = torch.stack([target_term, smooth, s_wy], dim=1)
+        if grad is not None:
+            g = _grad_chunk(z, slope, t, w, row_max_c, log_d_c, dlse_c, a,
+                            beta[rows].to(cdt) if beta is not None else None, prob_target)
+            grad[rows] = g  # after every read of this chunk: grad may alias logits
+            del g  # so the next chunk's temporaries can take its place
+
+
+def ce_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta, grad, prob_target, softcap):
+    n_rows, n_cols = logits.shape
+    cdt = row_dtype(logits)
+    w = weight.to(cdt) if weight is not None else None
+    for rows in _chunks(n_rows, n_cols):
+        z, slope = _softcapped(logits[rows].to(cdt), softcap)
+        g = _grad_chunk(z, slope, target[rows], w, row_max[rows].to(cdt), log_d[rows].to(cdt),
+                        dlse[rows].to(cdt),
+                        alpha[rows].to(cdt), beta[rows].to(cdt) if beta is not None else None,
+                        prob_target)
+        grad[rows] = g
+        del g  # so the next chunk's temporaries can take its place
+
+def ce_scale(grad: Tensor, scale: Tensor) -> None:
+    """grad[i, :] *= scale[i], a chunk of rows at a time."""
+    for rows in _chunks(*grad.shape):
+        grad[rows] *= scale[rows, None].to(grad.dtype)
+
+def _logits_chunk(x_rows, w, b, cdt):
+    z = (x_rows @ w.t()).to(cdt)
+    if b is not None:
+        z += b.to(cdt)
+    return z
+
+def lce_stats(x, w, b, target, class_weight, need_smooth, softcap):
+    n_rows, n_vocab = x.shape[0], w.shape[0]
+    cdt = row_dtype(x)
+    row_max, log_d, unused_loss, unused_dlse = (torch.empty(n_rows, dtype=cdt, device=x.device)
+                                      for _ in range(4))
+    stats = torch.empty(n_rows, 3, dtype=cdt, device=x.device)
+    ones = torch.ones(n_rows, dtype=cdt, device=x.device)
+    for rows in _chunks(n_rows, n_vocab):
+        z = _logits_chunk(x[rows], w, b, cdt)
+        ce_forward(z, target[rows], class_weight, ones[rows],
+                           ones[rows] if need_smooth else None, None,
+                           unused_loss[rows], row_max[rows], log_d[rows], unused_dlse[rows], None, False,
+                           softcap, stats[rows])
+    return row_max, log_d, stats[:, 0], stats[:, 1] if need_smooth else None
+
+def lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta, softcap,
+               need_dx, need_dw, need_db):
+    n_rows, dim = x.shape
+    n_vocab = w.shape[0]
+    cdt = row_dtype(x)
+    dx = torch.zeros(n_rows, dim, dtype=cdt, device=x.device) if need_dx else row_max.new_empty(0)
+    dw = torch.zeros(n_vocab, dim, dtype=cdt, device=x.device) if need_dw else row_max.new_empty(0)
+    db = torch.zeros(n_vocab, dtype=cdt, device=x.device) if need_db else row_max.new_empty(0)
+    cw = class_weight.to(cdt) if class_weight is not None else None
+    for rows in _chunks(n_rows, n_vocab):
+        z, slope = _softcapped(_logits_chunk(x[rows], w, b, cdt), softcap)
+        g = _grad_chunk(z, slope, target[rows], cw, row_max[rows], log_d[rows], dlse[rows],
+                                alpha[rows],
+                                beta[rows] if beta is not None else None, False)
+        if need_dx:
+            # G rounded to the weight's dtype, as the kernel does: no fp32 copy of W
+            dx[rows] = (g.to(w.dtype) @ w).to(cdt)
+        if need_dw:
+            dw.addmm_(g.t(), x[rows].to(cdt))
+        if need_db:
+            db += g.sum(dim=0)
+    return dx, dw, db
