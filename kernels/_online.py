@@ -2,6 +2,8 @@
 gradient of one tile.  Every cross-entropy kernel imports these instead of
 rewriting them, so the forward, the fused gradient and the recompute backward
 agree to the bit on how a logit becomes a probability.
+
+Layer: the bottom of the kernels; imports triton only.
 """
 
 import triton

@@ -42,6 +42,8 @@ as a body that starts and ends on the 16-byte grid, in 16-byte vector accesses, 
 an edge tile of the fewer than 2 * VEC elements around it (_online.row_split), so a
 row of 50257 bf16 logits (not a multiple of 16 bytes) moves in the same 16-byte
 accesses as one of 50304.
+
+Layer: kernels; imports _online only.  Launched by softmax_ce._triton_path.
 """
 
 

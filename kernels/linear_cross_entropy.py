@@ -29,6 +29,8 @@ buffers, which have the shapes of x, W and b.  No N x V tensor exists.
 
 FLOPs: the forward is one matmul (2 N V D), the backward recomputes it and does two
 more (6 N V D in all); the three-matmul floor of an unfused step is 6 N V D.
+
+Layer: kernels; imports _online only.  Launched by softmax_ce._triton_path.
 """
 
 import triton

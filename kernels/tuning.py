@@ -1,5 +1,7 @@
 """Which launch config each kernel gets on a GPU.
 
+Layer: kernels; imports linear_cross_entropy (its tile lists) only.
+
 Order of precedence, per (kernel, device, vocabulary size, dtype):
 
 1. a per-GPU tuned table, `tuned/<device-key>.json` beside this file, written by
