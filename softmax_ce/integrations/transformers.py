@@ -846,6 +846,9 @@ class _Analysis:
             return NotImplemented
         if obj is self.causal_loss:
             return self._causal(callee, node, args)
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "loss_function":
+            name = getattr(obj, "__qualname__", type(obj).__name__)
+            return _Bad(f"its loss_function is {name}, not transformers' ForCausalLMLoss")
         if isinstance(obj, torch.nn.CrossEntropyLoss):
             return self._plain(obj, node, args)
         if inspect.isclass(obj) and issubclass(obj, self.model_output):
@@ -1015,8 +1018,10 @@ class _Analysis:
 # --------------------------------------------------------------------------------------
 
 class _Meta:
+    """Stands for the logits in the model's own conditions: shape, dtype, device."""
+
     def __init__(self, shape, dtype, device):
-        self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
+        self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.ndim = len(shape)
 
     def size(self, dim=None):
@@ -1077,13 +1082,15 @@ def _scale_and_cap(ops):
     return pre * post, post
 
 
-def _describe(tree, model, ctx=None):
-    ctx = ctx or _Ctx()
+def _describe(tree, model, ctx):
     if isinstance(tree, _Cond):
         try:
-            return _describe(_resolve(tree, ctx), model, ctx)
-        except _Unknown:
-            return "depends on the call"
+            g = _eval(tree.guard, ctx)
+        except Exception:
+            cond = tree.guard.src.split(" | ")[0]
+            return (f"if `{cond}`: {_describe(tree.a, model, ctx)}; otherwise: "
+                    f"{_describe(tree.b, model, ctx)}")
+        return _describe(tree.a if g else tree.b, model, ctx)
     if isinstance(tree, _Bad):
         return f"refused: {tree.reason}"
     ops = _fold(tree.logits.ops, ctx, [])
@@ -1108,18 +1115,23 @@ def _plan_for(model, head):
     except RecursionError:  # pragma: no cover
         raise _api_error(model, "its forward is too deeply nested to read") from None
     # decide now what can be decided now
-    reachable = _reachable(tree, _Ctx())
+    # the logits' metadata as far as it is known before a call: (batch, time, vocabulary)
+    # with the first two unknown; a condition that needs them stays undecided (and is
+    # decided again, with the real shape, at every call)
+    now = _Ctx(_Meta((None, None, head.weight.shape[0]), head.weight.dtype,
+                     head.weight.device))
+    reachable = _reachable(tree, now)
     bad = [leaf for leaf, definite in reachable if isinstance(leaf, _Bad) and definite]
     if bad:
         raise _api_error(model, bad[0].reason)
     for leaf, definite in reachable:
         if isinstance(leaf, _Loss) and definite:
             try:
-                _scale_and_cap(_fold(leaf.logits.ops, _Ctx(), []))
-                if leaf.check is not None and not leaf.check(_Ctx()):
+                _scale_and_cap(_fold(leaf.logits.ops, now, []))
+                if leaf.check is not None and not leaf.check(now):
                     raise _api_error(model, "its loss_function is not transformers' "
                                             "ForCausalLMLoss")
-                v = leaf.vocab(_Ctx()) if leaf.vocab is not None else None
+                v = leaf.vocab(now) if leaf.vocab is not None else None
             except _Unknown:
                 continue
             except UnsupportedModelError:
@@ -1343,7 +1355,9 @@ def explain(model: torch.nn.Module) -> str:
             else None
         _check_head(model, head)
         tree = getattr(model, _PLAN, None) or _plan_for(model, head)[0]
-        return _describe(tree, model)
+        now = _Ctx(_Meta((None, None, head.weight.shape[0]), head.weight.dtype,
+                         head.weight.device))
+        return _describe(tree, model, now)
     except UnsupportedModelError as e:
         return f"refused: {str(e).split(': ', 2)[-1]}"
 
