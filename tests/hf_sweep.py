@@ -304,7 +304,7 @@ def _alarm(signum, frame):
 
 
 def _refusal(sce_hf, e):
-    return str(e).split(": ", 2)[-1].rsplit("; its loss is left", 1)[0]
+    return getattr(e, "reason", str(e))
 
 
 def sweep_one(model_type):
@@ -480,6 +480,7 @@ def main(argv=None):
         return _child(types)
     counts = {}
     t0 = time.time()
+    backend = "?"
     todo = list(types)
     while todo:
         # the types run in a child process with bounded memory, so that a model whose
@@ -491,6 +492,9 @@ def main(argv=None):
             if not line.startswith("@@ "):
                 continue
             t, status, detail = line[3:].rstrip("\n").split("\t", 2)
+            if t == "#backend":
+                backend = status
+                continue
             done.add(t)
             counts[status] = counts.get(status, 0) + 1
             print(f"{t:28s} {status:16s} {detail}", flush=True)
@@ -503,7 +507,8 @@ def main(argv=None):
                   f"out of memory?)", flush=True)
     print()
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, loss path "
-          f"{args.path}: {len(types)} causal-LM types in {time.time() - t0:.0f} s")
+          f"{args.path} (softmax_ce back end for CPU tensors: {backend}): {len(types)} "
+          f"causal-LM types in {time.time() - t0:.0f} s")
     for k in ("match", "refused", "could-not-build", "FAIL"):
         print(f"  {k:16s} {counts.get(k, 0)}")
     return 1 if counts.get("FAIL") else 0
@@ -517,6 +522,12 @@ def _child(types):
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     signal.signal(signal.SIGALRM, _alarm)
+    try:
+        import softmax_ce._launch as _launch
+
+        print(f"@@ #backend\t{_launch.backend_for(torch.empty(1))}\t", flush=True)
+    except Exception as e:  # pragma: no cover - the dispatcher's name is not our API
+        print(f"@@ #backend\tunknown ({type(e).__name__})\t", flush=True)
     for t in types:
         signal.alarm(TIMEOUT_S)
         try:

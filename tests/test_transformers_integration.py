@@ -83,8 +83,13 @@ def batch(*key):
 @pytest.fixture(params=("kernel", "torch"))
 def lce_path(request, monkeypatch):
     """The fused loss through the Triton kernels (interpreted on CPU) or the PyTorch path."""
+    import softmax_ce._launch as _launch
+
     if request.param == "torch":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setattr(_launch, "FORCED_BACKEND", "torch")
+    cpu = torch.empty(1)
+    assert _launch.backend_for(cpu) == ("torch" if request.param == "torch" or
+                                        torch.cuda.is_available() else "triton")
     return request.param
 
 
