@@ -51,7 +51,7 @@ _SIZES = {
     # widths
     "hidden_size": 32, "d_model": 32, "n_embd": 32, "dim": 32, "emb_dim": 32,
     "embed_dim": 32, "word_embed_proj_dim": 32, "embedding_size": 32, "hidden_dim": 32,
-    "projection_dim": 32,
+    "projection_dim": 32, "hidden_size_global": 32,
     "intermediate_size": 64, "ffn_dim": 64, "n_inner": 64, "d_ff": 64, "ff_dim": 64,
     "decoder_ffn_dim": 64, "encoder_ffn_dim": 64, "ffn_hidden_size": 64,
     "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32,

@@ -811,6 +811,7 @@ class _Analysis:
         self.causal_loss, self.model_output = ForCausalLMLoss, ModelOutput
         self.misuse = None
         self.seen_head = False
+        self.head_note = None
 
     def labels_misuse(self, node):
         if self.misuse is None:
@@ -872,7 +873,13 @@ class _Analysis:
         if contains_head or (takes_logits and (is_module or inspect.isfunction(obj))):
             if any(isinstance(v, _Labels) for v in flat):
                 self.labels_misuse(node)
-            return self._follow(obj, node, args, interp)
+            r = self._follow(obj, node, args, interp)
+            if contains_head and not self.seen_head and self.head_note is None:
+                self.head_note = f"`{_line(node)}` reaches it in a way this module does " \
+                                 f"not follow"
+                if isinstance(r, _Tainted):
+                    self.head_note += f" ({r.reason})"
+            return r
         return NotImplemented
 
     def _follow(self, obj, node, args, interp):
@@ -1012,7 +1019,8 @@ class _Analysis:
             ret = r.value
         if not self.seen_head:
             raise _Refuse(f"its forward does not call the output head "
-                          f"({type(self.head).__name__}) where this module can see it")
+                          f"({type(self.head).__name__}) where this module can see it"
+                          + (f": {self.head_note}" if self.head_note else ""))
         return _normalise(self._loss_of(ret))
 
     def _loss_of(self, ret):
