@@ -460,6 +460,27 @@ class _InPlace(_TinyLM):
         return transformers.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
 
 
+class _ViewMutated(_TinyLM):
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.embed(input_ids))
+        flat = logits.view(-1, self.config.vocab_size)
+        flat.clamp_(-1.0, 1.0)  # through a view: the logits change too
+        loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
+
+
+def _halve_(t):
+    t.mul_(0.5)
+
+
+class _HelperMutates(_TinyLM):
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.embed(input_ids))
+        _halve_(logits)
+        loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
+
+
 class _OwnTransform(_TinyLM):
     def forward(self, input_ids=None, labels=None, **kwargs):
         logits = torch.nn.functional.gelu(self.lm_head(self.embed(input_ids)))
@@ -508,6 +529,8 @@ def test_own_model_check():
 
 @pytest.mark.parametrize("cls, reason", [
     (_InPlace, r"'llama'.*logits\.mul_\(2\.0\)"),
+    (_ViewMutated, r"'llama'.*flat\.clamp_"),
+    (_HelperMutates, r"'llama'.*_halve_\(logits\)"),
     (_OwnTransform, r"'llama'.*gelu"),
 ])
 def test_own_model_refused(cls, reason):

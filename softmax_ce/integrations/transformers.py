@@ -487,13 +487,17 @@ class _Interp:
                     self.env[n.id] = RUNTIME
 
     def _side_effect(self, value):
-        # a bare method call on the logits (logits.mul_(s)) may change them in place
-        if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute):
-            base = value.func.value
-            if isinstance(base, ast.Name):
-                bv = self.lookup(base.id)
-                if _relevant(bv):
-                    self.env[base.id] = _Tainted(f"`{_line(value)}` may change it in place")
+        # an expression whose value is dropped but that sees the logits or the loss
+        # (logits.mul_(s), fill(logits)) is there for what it does to them
+        if any(_relevant(self.lookup(n)) for n in _names(value)):
+            self.mutated(f"`{_line(value)}` may change it in place")
+
+    def mutated(self, reason):
+        """Something derived from the logits may have changed in place: every such
+        variable (views and aliases share the storage) is no longer reproduced."""
+        for k, v in list(self.env.items()):
+            if _relevant(v):
+                self.env[k] = _Tainted(reason)
 
     def assign(self, target, v, st):
         if isinstance(target, ast.Name):
@@ -530,8 +534,11 @@ class _Interp:
                 return
         if isinstance(cur, _Kwargs):
             cur.mutated = _line(st)
-        self.env[t.id] = self.expr(ast.BinOp(left=ast.Name(id=t.id, ctx=ast.Load()),
-                                             op=st.op, right=st.value))
+        new = self.expr(ast.BinOp(left=ast.Name(id=t.id, ctx=ast.Load()), op=st.op,
+                                  right=st.value))
+        if _relevant(cur):  # `logits *= s` is in place: other views of it change too
+            self.mutated(f"`{_line(st)}` changes it in place")
+        self.env[t.id] = new
 
     def _aux_term(self, node):
         """`coef * aux_loss` or `coef * aux_loss.to(device)`, coef static."""
@@ -719,6 +726,10 @@ class _Interp:
         func = node.func
         if isinstance(func, ast.Attribute):
             base = self.expr(func.value)
+            if _relevant(base) and (func.attr.endswith("_") and not func.attr.startswith("_")):
+                self._args(node)
+                self.mutated(f"`{_line(node)}` changes it in place")
+                return _Tainted(f"`{_line(node)}`")
             if isinstance(base, _Logits):
                 return self._logits_method(base, func.attr, node)
             if isinstance(base, _Labels):
@@ -762,6 +773,8 @@ class _Interp:
         if any(isinstance(v, _Labels) for v in flat):
             self.an.labels_misuse(node)
         if any(_relevant(v) for v in flat):
+            # an unknown callee may also change what it is given in place
+            self.mutated(f"passed to `{_line(node)}`")
             return _Tainted(f"passed to `{_line(node)}`")
         if isinstance(callee, _Static) and all(isinstance(v, _Static) for v in flat):
             return self._static_or_runtime(node)
