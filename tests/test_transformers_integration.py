@@ -273,6 +273,22 @@ def test_head_restored_after_error():
         assert torch.equal(patched(input_ids=ids).logits, stock(input_ids=ids).logits)
 
 
+def test_head_hooks_refused():
+    """A forward hook on the head could change the logits: refused in apply(), and a hook
+    added afterwards makes the labelled call raise."""
+    stock, patched = build("llama")
+    ids, mask, labels = batch("hooks")
+    handle = stock.lm_head.register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.raises(sce_hf.UnsupportedModelError, match="forward hooks"):
+        sce_hf.apply(stock)
+    handle.remove()
+    handle = patched.lm_head.register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.raises(RuntimeError, match="forward hooks"):
+        patched(input_ids=ids, labels=labels)
+    handle.remove()
+    assert patched(input_ids=ids, labels=labels).logits is None
+
+
 def test_rejects_non_linear_head():
     stock, _ = build("llama")
     stock.lm_head = torch.nn.Identity()

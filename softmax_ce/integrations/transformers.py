@@ -1270,6 +1270,10 @@ def apply(model: torch.nn.Module) -> torch.nn.Module:
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
 
+        if head._forward_hooks or "forward" in vars(head):
+            raise _api_error(model, "its output head got forward hooks (or a replaced "
+                                    "forward) after apply(), whose effect on the logits "
+                                    "cannot be reproduced", RuntimeError)
         captured = []
 
         def hand_back_hidden_states(hidden_states):
