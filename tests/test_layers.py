@@ -42,6 +42,7 @@ ALLOWED = {
     "modules": {"functional", "linear"},
     "integrations": set(),
     "integrations.transformers": {"linear", "functional", "_rows"},
+    "testing": set(),  # comparator and spawn harness for tests and perf: torch only
     "": {"_autograd", "_rows", "functional", "linear", "modules"},  # softmax_ce/__init__.py
 }
 
