@@ -307,6 +307,42 @@ def _refusal(sce_hf, e):
     return getattr(e, "reason", str(e))
 
 
+DTYPE = torch.float32
+# bf16: stock and patched differ by bf16 roundings (stock rounds its logits to bf16, and
+# a plain CrossEntropyLoss of bf16 logits runs in bf16), so each is compared with the
+# same bf16 weights run in fp32: the patched loss and gradients must be no further from
+# it than BF16_SLACK times the stock ones (plus BF16_FLOOR, relative)
+BF16_SLACK, BF16_FLOOR = 2.0, 1e-3
+
+
+def _errors(ref_loss, ref_grads, loss, grads):
+    """Relative loss error and worst relative gradient error against a reference (each
+    gradient relative to max(its largest entry, 1e-3 of the model's largest))."""
+    top = max((g.abs().max().item() for g in ref_grads.values() if g is not None), default=0)
+    worst = 0.0
+    for name, r in ref_grads.items():
+        if r is None or grads.get(name) is None:
+            continue
+        scale = max(r.abs().max().item(), 1e-3 * top)
+        if scale > 0:
+            worst = max(worst, (grads[name].float() - r.float()).abs().max().item() / scale)
+    return abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), worst
+
+
+def compare_bf16(truth, stock, patched):
+    """-> (None or a description of the failure, summary)."""
+    (lt, gt), (l1, g1), (l2, g2) = truth, stock, patched
+    if l2.dtype != torch.float32:
+        return f"patched loss dtype {l2.dtype}", ""
+    e1, ge1 = _errors(lt, gt, l1, g1)
+    e2, ge2 = _errors(lt, gt, l2, g2)
+    summary = (f"bf16 vs fp32 of the same weights: loss err stock {e1:.1e} patched {e2:.1e}, "
+               f"grad err stock {ge1:.1e} patched {ge2:.1e}")
+    if e2 > BF16_SLACK * e1 + BF16_FLOOR or ge2 > BF16_SLACK * ge1 + BF16_FLOOR:
+        return summary, summary
+    return None, summary
+
+
 def sweep_one(model_type):
     """-> (status, detail)."""
     import softmax_ce.integrations.transformers as sce_hf
@@ -329,6 +365,7 @@ def sweep_one(model_type):
                 torch.manual_seed(seed)
                 stock = cls(cfg)
             stock.eval()
+            stock.to(DTYPE)
             _prepare(stock)
             # apply() decides from the model alone: a refusal needs no stock run
             try:
@@ -358,6 +395,7 @@ def sweep_one(model_type):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             patched = cls(cfg)  # not a deepcopy: weight-normed modules refuse one
+        patched.to(DTYPE)
         patched.load_state_dict(stock.state_dict())
         patched.eval()
         _prepare(patched)
@@ -372,6 +410,18 @@ def sweep_one(model_type):
     except Exception:
         return "FAIL", f"[{plan}] patched call raised: " + \
             traceback.format_exc().strip().splitlines()[-1][:200]
+    if DTYPE == torch.bfloat16:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            truth = cls(cfg)
+        truth.load_state_dict({k: v.float() for k, v in stock.state_dict().items()})
+        truth.eval()
+        _prepare(truth)
+        _, lt, gt = run_model(truth, ids, labels, **kw)
+        diff, summary = compare_bf16((lt, gt), (l1, g1), (l2, g2))
+        if diff:
+            return "FAIL", f"[{plan}] {diff}"
+        return "match", f"{plan}; {summary}"
     diff = compare(l1, l2, g1, g2)
     if diff:
         return "FAIL", f"[{plan}] {diff}"
@@ -468,10 +518,16 @@ def main(argv=None):
     p.add_argument("types", nargs="*", help="model types (default: all)")
     p.add_argument("--path", choices=("torch", "kernel"), default="torch",
                    help="the loss through softmax_ce's PyTorch path or its Triton kernels")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the models in bf16; stock and patched are each compared with "
+                        "the same weights in fp32, and the patched one must be no further "
+                        f"from it than {BF16_SLACK:g} x stock's + {BF16_FLOOR:g}")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="in-process, with tracebacks")
     args = p.parse_args(argv)
     types = args.types or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    global DTYPE
+    DTYPE = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.child:
         return _child(types)
     if args.debug:
@@ -485,7 +541,8 @@ def main(argv=None):
     while todo:
         # the types run in a child process with bounded memory, so that a model whose
         # tiny config is still huge (or that crashes) costs one line, not the sweep
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--path", args.path, *todo]
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--path", args.path,
+               "--dtype", args.dtype, *todo]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         done = set()
         for line in proc.stdout:
@@ -506,8 +563,8 @@ def main(argv=None):
             print(f"{t:28s} {'could-not-build':16s} the process died (exit {proc.returncode}, "
                   f"out of memory?)", flush=True)
     print()
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}, loss path "
-          f"{args.path} (softmax_ce back end for CPU tensors: {backend}): {len(types)} "
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, {args.dtype}, "
+          f"loss path {args.path} (softmax_ce back end for CPU tensors: {backend}): {len(types)} "
           f"causal-LM types in {time.time() - t0:.0f} s")
     for k in ("match", "refused", "could-not-build", "FAIL"):
         print(f"  {k:16s} {counts.get(k, 0)}")

@@ -26,6 +26,7 @@ import softmax_ce
 import softmax_ce._launch as _launch
 import softmax_ce._torch_path as _torch_path
 import softmax_ce._ops as _ops
+import softmax_ce.testing as testing
 from softmax_ce._launch import uses_triton
 from softmax_ce.kernels import linear_cross_entropy as KL
 
@@ -95,22 +96,9 @@ def reference(x, w, t, b=None, *, ignore_index=-100, reduction="mean", label_smo
 
 
 def assert_close(actual, ref, rtol, atol_scale, what):
-    """|a - r| <= rtol |r| + atol_scale * max|r|; NaNs in the same places."""
-    a = actual.detach().cpu().double()
-    r = ref.detach().cpu().double()
-    assert a.shape == r.shape, f"{what}: shape {tuple(a.shape)} != reference {tuple(r.shape)}"
-    assert torch.equal(a.isnan(), r.isnan()), f"{what}: NaN pattern differs: {a} vs {r}"
-    fin = ~r.isnan()
-    a, r = a[fin], r[fin]
-    if r.numel() == 0:
-        return
-    tol = rtol * r.abs() + atol_scale * r.abs().max()
-    err = (a - r).abs()
-    if (err > tol).any():
-        i = int(torch.argmax(err - tol))
-        raise AssertionError(f"{what}: {int((err > tol).sum())}/{r.numel()} entries off; worst "
-                             f"got {a[i].item():.9g}, reference {r[i].item():.9g} "
-                             f"(err {err[i].item():.3g} > tol {tol[i].item():.3g})")
+    """|a - r| <= rtol |r| + atol_scale * max|r|, whatever the dtype; NaN and inf in the same
+    places (softmax_ce.testing.assert_close)."""
+    testing.assert_close(actual, ref, rtol=rtol, atol=atol_scale, what=what)
 
 
 TOL = {
