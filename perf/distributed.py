@@ -40,14 +40,10 @@ From Python, ``main([...])`` returns the rows (list of dicts) it printed.
 import argparse
 import csv
 import importlib.util
-import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -231,76 +227,34 @@ def _path_name(t):
     return "PyTorch chunked path"
 
 
-def _worker(rank, world, port, cfg, queue):
-    os.environ.update(cfg["env"])  # before softmax_ce (and so triton) is imported
-    try:
-        import torch.distributed as dist
-        if cfg["backend"] == "nccl":
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-        else:
-            torch.set_num_threads(cfg["threads"])
-            device = torch.device("cpu")
-        dist.init_process_group(cfg["backend"], init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=world,
-                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        try:
-            res = _measure(rank, world, cfg, device)
-        finally:
-            dist.destroy_process_group()
-        queue.put((rank, "ok", res if rank == 0 else None))
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
+def _rank(rank, world, cfg):
+    """One rank, in the process group softmax_ce.testing.run_ranks set up -> rank 0's
+    gathered measurements (None on the other ranks)."""
+    if cfg["backend"] == "nccl":
+        device = torch.device("cuda", rank)  # run_ranks has made it the current device
+    else:
+        torch.set_num_threads(cfg["threads"])
+        device = torch.device("cpu")
+    res = _measure(rank, world, cfg, device)
+    return res if rank == 0 else None
 
 
 # ----------------------------------------------------------------------------
 # The parent
 # ----------------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world, cfg):
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, queue), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    replies, errors = {}, []
-    try:
-        while len(replies) < world and time.monotonic() < deadline:
-            try:
-                rank, status, payload = queue.get(timeout=0.5)
-            except Exception:  # queue.Empty
-                if any(p.exitcode not in (None, 0) for p in procs) and not errors:
-                    errors.append("a rank exited with code "
-                                  f"{[p.exitcode for p in procs]} without a reply")
-                    deadline = min(deadline, time.monotonic() + COLLECTIVE_TIMEOUT_S + 5)
-                continue
-            replies[rank] = (status, payload)
-            if status != "ok":
-                errors.append(f"rank {rank}:\n{payload}")
-                deadline = min(deadline, time.monotonic() + 10)
-        for p in procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-    if len(replies) < world and not errors:
-        errors.append(f"timed out after {SPAWN_TIMEOUT_S} s with replies from {sorted(replies)}")
-    if errors or replies.get(0, (None,))[0] != "ok":
+    """Measure on `world` fresh processes -> every rank's measurements (from rank 0)."""
+    from softmax_ce.testing import run_ranks
+
+    # cfg["env"] (TRITON_INTERPRET) is in the children's environment before they import
+    # softmax_ce, and so triton
+    ranks = run_ranks(world, _rank, (cfg,), backend=cfg["backend"], env=cfg["env"],
+                      deadline_s=SPAWN_TIMEOUT_S, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+    errors = [f"rank {r.rank}:\n{r.error}" for r in ranks if not r.ok]
+    if errors:
         raise RuntimeError(f"world size {world} failed:\n" + "\n".join(errors))
-    return replies[0][1]
+    return ranks[0].value
 
 
 def _median_ms(xs):

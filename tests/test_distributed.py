@@ -3,8 +3,8 @@
 One spawn per world size (2 and 3 ranks) runs every check of CHECKS in order; each
 check becomes its own pytest item (``test_check[<world>-<name>]``) that reports the
 check's outcome on every rank.  The children run the same kernels as the other tests:
-they inherit TRITON_INTERPRET from the parent (tests/conftest.py sets it to 1 on a
-machine without a GPU) and set it before anything imports triton.
+they get the parent's TRITON_INTERPRET (tests/conftest.py sets it to 1 on a machine
+without a GPU) in their environment from their start, before anything imports triton.
 
 Every check compares, on every rank, the loss (and lse) with the unsharded loss, the
 gradient of the local slice with this rank's slice of the unsharded gradient (the full
@@ -18,17 +18,16 @@ of the slice sizes), nothing in the backward of cross_entropy, one all-reduce of
 (rows, D) input gradient in that of linear_cross_entropy, and never a tensor of
 vocabulary size.
 
-No hang: a free TCP port, a 60 s collective timeout, a control group through which
-the ranks agree after every check (a rank that lost its peers exits), a deadline
-on the whole spawn after which the children are killed, and per-rank result files
-that survive a killed child.
+No hang: the processes are softmax_ce.testing.run_ranks's (a free TCP port, a 60 s
+collective timeout, the others killed after it once a rank fails, a deadline on the
+whole spawn); on top of it, a control group through which the ranks agree after every
+check (a rank that lost its peers exits), per-rank result files that survive a killed
+child, and a fresh spawn that resumes after a check that broke the run.
 """
 
 import json
-import multiprocessing
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -841,107 +840,77 @@ class _Ctx:
 # The child process
 # ----------------------------------------------------------------------------
 
-def _worker(rank, world, port, env, out_dir, names):
-    os.environ.update(env)  # before anything imports triton (softmax_ce does)
+def _run_checks(rank, world, out_dir, names):
+    """One rank (softmax_ce.testing.run_ranks has set up the process group): run the
+    checks `names` in order, each record appended to rank<r>.jsonl as it happens."""
+    import torch
+    import torch.distributed as dist
+
     f = open(os.path.join(out_dir, f"rank{rank}.jsonl"), "a", buffering=1)
 
     def emit(**rec):
         f.write(json.dumps(dict(rec, rank=rank)) + "\n")
         f.flush()
 
-    code = 0
+    lost = None
     try:
-        import torch
-        import torch.distributed as dist
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world,
-                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        try:
-            ctrl = dist.new_group(backend="gloo", timeout=timedelta(seconds=SYNC_TIMEOUT_S))
-            from softmax_ce.kernels import cross_entropy as K
-            emit(event="env", triton_interpret=os.environ.get("TRITON_INTERPRET"),
-                 interpreting=K.interpreting(), cuda=torch.cuda.is_available())
-            sync = dist.all_reduce  # kept unwrapped: the control exchange is not counted
-            C = _Ctx(rank, world)
-            for name in names:
-                fn = CHECKS[name]
-                emit(event="start", check=name)
-                t0 = time.monotonic()
-                status, msg = "pass", ""
-                try:
-                    C.reset_slice_cache()
-                    fn(C)
-                except SkipCheck as e:
-                    status, msg = "skip", str(e)
-                except AssertionError:
-                    status, msg = "fail", traceback.format_exc()
-                except BaseException:
-                    status, msg = "error", traceback.format_exc()
-                emit(event="end", check=name, status=status, msg=msg,
-                     seconds=round(time.monotonic() - t0, 2))
-                # every rank finished this check: otherwise one is stuck in a collective
-                try:
-                    sync(torch.zeros(1), group=ctrl)
-                except BaseException:
-                    emit(event="fatal", check=name,
-                         msg=f"lost the other ranks after check {name}:\n" + traceback.format_exc())
-                    code = 1
-                    break
-            emit(event="done")
-        finally:
-            if code == 0:
-                dist.destroy_process_group()
+        ctrl = dist.new_group(backend="gloo", timeout=timedelta(seconds=SYNC_TIMEOUT_S))
+        from softmax_ce.kernels import cross_entropy as K
+        emit(event="env", triton_interpret=os.environ.get("TRITON_INTERPRET"),
+             interpreting=K.interpreting(), cuda=torch.cuda.is_available())
+        sync = dist.all_reduce  # kept unwrapped: the control exchange is not counted
+        C = _Ctx(rank, world)
+        for name in names:
+            fn = CHECKS[name]
+            emit(event="start", check=name)
+            t0 = time.monotonic()
+            status, msg = "pass", ""
+            try:
+                C.reset_slice_cache()
+                fn(C)
+            except SkipCheck as e:
+                status, msg = "skip", str(e)
+            except AssertionError:
+                status, msg = "fail", traceback.format_exc()
+            except BaseException:
+                status, msg = "error", traceback.format_exc()
+            emit(event="end", check=name, status=status, msg=msg,
+                 seconds=round(time.monotonic() - t0, 2))
+            # every rank finished this check: otherwise one is stuck in a collective
+            try:
+                sync(torch.zeros(1), group=ctrl)
+            except BaseException:
+                lost = f"lost the other ranks after check {name}"
+                emit(event="fatal", check=name, msg=f"{lost}:\n" + traceback.format_exc())
+                break
+        emit(event="done")
     except BaseException:
         emit(event="fatal", msg=traceback.format_exc())
-        code = 1
-    f.close()
-    os._exit(code)  # a rank whose peers are gone must not wait in gloo's destructors
+        raise
+    finally:
+        f.close()
+    if lost:
+        raise RuntimeError(lost)  # run_ranks: no destroy_process_group, exit code 1
 
 
 # ----------------------------------------------------------------------------
 # The parent: one spawn per world size, cached for the module
 # ----------------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn_once(world, names, deadline):
     """Run the checks `names` in `world` fresh processes -> what their result files say."""
-    ctx = multiprocessing.get_context("spawn")
-    out_dir = tempfile.mkdtemp(prefix=f"softmax_ce_dist{world}_")
-    env = {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"), "OMP_NUM_THREADS": "1"}
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, env, out_dir, names), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    problems = []
-    first_exit = None
-    while any(p.is_alive() for p in procs):
-        now = time.monotonic()
-        if now > deadline:
-            problems.append(f"world {world}: deadline of {SPAWN_DEADLINE_S} s passed; killed")
-            break
-        if first_exit is None and any(p.exitcode not in (None, 0) for p in procs):
-            first_exit = now
-        if first_exit is not None and now - first_exit > COLLECTIVE_TIMEOUT_S + 10:
-            problems.append(f"world {world}: a rank failed and the others did not follow; killed")
-            break
-        time.sleep(0.1)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-        p.join(5)
+    from softmax_ce.testing import run_ranks
 
-    checks = {}  # name -> rank -> record
-    started, done, env_recs, aborted_after = {}, set(), [], set()
+    out_dir = tempfile.mkdtemp(prefix=f"softmax_ce_dist{world}_")
+    # the children run the parent's kernels: interpreted here without a GPU (conftest.py)
+    env = {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"), "OMP_NUM_THREADS": "1"}
+    ranks = run_ranks(world, _run_checks, (out_dir, names), backend="gloo", env=env,
+                      deadline_s=max(1.0, deadline - time.monotonic()),
+                      collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+
+    problems, checks = [], {}  # checks: name -> rank -> record
+    started, done, env_recs, aborted_after, fatal = {}, set(), [], set(), set()
     for r in range(world):
         path = os.path.join(out_dir, f"rank{r}.jsonl")
         if not os.path.exists(path):
@@ -959,19 +928,23 @@ def _spawn_once(world, names, deadline):
                 elif ev == "done":
                     done.add(r)
                 elif ev == "fatal":
+                    fatal.add(r)
                     problems.append(f"rank {r}: {rec['msg']}")
                     if rec.get("check"):
                         aborted_after.add(rec["check"])
                 elif ev == "env":
                     env_recs.append(rec)
+    # why run_ranks saw a rank fail, unless its file says it already (killed, ...)
+    problems += [f"world {world}, rank {r.rank}: {r.error}" for r in ranks
+                 if not r.ok and r.rank not in fatal]
     for r, name in started.items():  # killed inside a check: that check failed
         problems.append(f"rank {r} never finished check {name!r}")
         checks.setdefault(name, {})[r] = dict(status="error", msg=f"rank {r} was killed in it:\n"
                                               + "\n".join(problems))
         aborted_after.add(name)
-    for r, p in enumerate(procs):
-        if p.exitcode != 0:
-            problems.append(f"rank {r} exit code {p.exitcode}")
+    for r in ranks:
+        if r.exitcode != 0:
+            problems.append(f"rank {r.rank} exit code {r.exitcode}")
     shutil.rmtree(out_dir, ignore_errors=True)
     # the checks that ran to the end on every rank, or the last one that broke the run
     last = max((names.index(n) for n in aborted_after if n in names), default=None)
