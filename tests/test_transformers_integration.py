@@ -334,8 +334,9 @@ def naive_loss(model, ids, labels, **kw):
         hook.remove()
     from softmax_ce import linear_cross_entropy
 
-    return linear_cross_entropy(seen[0], head.weight, labels, head.bias, shift=True,
-                                loss_dtype=torch.float32)
+    return linear_cross_entropy(seen[0], head.weight, labels, shift=True,
+                                loss_dtype=torch.float32,
+                                **{sce_hf._BIAS_KEYWORD: head.bias})
 
 
 # type -> what explain() must report; each one's naive (old) loss differs from stock
@@ -354,8 +355,19 @@ SUBSET = {
 }
 
 
+@pytest.fixture
+def torch_path(monkeypatch):
+    """The PyTorch path of the fused loss: what these tests check is the integration's
+    reading of each model, which both back ends compute the same (the tests above and
+    `python tests/hf_sweep.py --path kernel` run the kernels); the interpreted kernels
+    would cost most of this file's time budget."""
+    import softmax_ce._launch as _launch
+
+    monkeypatch.setattr(_launch, "FORCED_BACKEND", "torch")
+
+
 @pytest.mark.parametrize("model_type", list(SUBSET))
-def test_model_types_match_stock(model_type):
+def test_model_types_match_stock(model_type, torch_path):
     status, detail = hf_sweep.sweep_one(model_type)
     assert status == "match", f"{model_type}: {status}: {detail}"
     assert detail.startswith(SUBSET[model_type] + ";") or detail.startswith(
