@@ -235,6 +235,7 @@ def lce_bwd_kernel(
     stride_x_row, stride_x_col, stride_w_row, stride_w_col, stride_target,
     # runtime scalars
     softcap,
+    filter_eps,       # fp32, read when HAS_FILTER
     # compile-time constants
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
@@ -242,6 +243,7 @@ def lce_bwd_kernel(
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    HAS_FILTER: tl.constexpr,      # skip tiles whose |G| < filter_eps * max|dlse| (off: exact)
 ):
     pid_n, pid_v, rows, vcols, row_mask, col_mask = _tile_coords(n_rows, n_vocab, BLOCK_N,
                                                                  BLOCK_V, GROUP_N)
@@ -270,32 +272,41 @@ def lce_bwd_kernel(
         g = g * slope
     g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
 
-    if COMPUTE_DB:
-        tl.atomic_add(db_ptr + vcols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
+    # Gradient filtering (CCE's idea, off by default): a tile in which every entry of G is
+    # below filter_eps times the largest row coefficient (logits whose probability is
+    # below filter_eps, no target among them, no smoothing mass) adds nothing measurable
+    # to dx, dW, db; its two matmuls and all its atomics are skipped.
+    keep = True
+    if HAS_FILTER:
+        g_max = tl.max(tl.max(tl.abs(g), axis=1), axis=0)
+        keep = g_max >= filter_eps * tl.max(tl.abs(dlse), axis=0)
+    if keep:
+        if COMPUTE_DB:
+            tl.atomic_add(db_ptr + vcols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
 
-    g_lo = g.to(x_ptr.dtype.element_ty)
-    if UPCAST_DOT:
-        g_lo = g_lo.to(tl.float32)
-    ks = tl.arange(0, BLOCK_D)
-    for k0 in range(0, dim, BLOCK_D):
-        k = k0 + ks
-        k_mask = k < dim
-        if COMPUTE_DX:
-            w = tl.load(w_ptr + vcols[:, None] * stride_w_row + k[None, :] * stride_w_col,
-                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            if UPCAST_DOT:
-                w = w.to(tl.float32)
-            tl.atomic_add(dx_ptr + rows[:, None] * dim + k[None, :],
-                          tl.dot(g_lo, w, input_precision=DOT_PRECISION),
-                          mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
-        if COMPUTE_DW:
-            x = tl.load(x_ptr + rows[:, None] * stride_x_row + k[None, :] * stride_x_col,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            if UPCAST_DOT:
-                x = x.to(tl.float32)
-            tl.atomic_add(dw_ptr + vcols[:, None] * dim + k[None, :],
-                          tl.dot(tl.trans(g_lo), x, input_precision=DOT_PRECISION),
-                          mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
+        g_lo = g.to(x_ptr.dtype.element_ty)
+        if UPCAST_DOT:
+            g_lo = g_lo.to(tl.float32)
+        ks = tl.arange(0, BLOCK_D)
+        for k0 in range(0, dim, BLOCK_D):
+            k = k0 + ks
+            k_mask = k < dim
+            if COMPUTE_DX:
+                w = tl.load(w_ptr + vcols[:, None] * stride_w_row + k[None, :] * stride_w_col,
+                            mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                if UPCAST_DOT:
+                    w = w.to(tl.float32)
+                tl.atomic_add(dx_ptr + rows[:, None] * dim + k[None, :],
+                              tl.dot(g_lo, w, input_precision=DOT_PRECISION),
+                              mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
+            if COMPUTE_DW:
+                x = tl.load(x_ptr + rows[:, None] * stride_x_row + k[None, :] * stride_x_col,
+                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                if UPCAST_DOT:
+                    x = x.to(tl.float32)
+                tl.atomic_add(dw_ptr + vcols[:, None] * dim + k[None, :],
+                              tl.dot(tl.trans(g_lo), x, input_precision=DOT_PRECISION),
+                              mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
 _KEY = ["n_vocab", "dim", "HAS_BIAS", "HAS_CLASS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"]

@@ -111,7 +111,7 @@ DRY = dict(vocab=(100,), dtypes=("fp32",), cuda_dtypes=("bf16",), rows=4, lce_ro
 DEFAULT_FLAGS = dict(PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_ZLOSS=False,
                      HAS_SOFTCAP=False, WRITE_GRAD=False, WRITE_STATS=False, HAS_BIAS=False,
                      HAS_CLASS_WEIGHT=False, COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=False,
-                     UPCAST_DOT=False, ONE_TILE=False)  # the GPU path never upcasts; the dry run is fp32
+                     UPCAST_DOT=False, ONE_TILE=False, HAS_FILTER=False)  # the GPU path never upcasts; the dry run is fp32
 TUNED_FOR = ("class-index targets; no class weight, label smoothing, z-loss, softcap or bias; "
              "reduction mean. Other flag combinations and the fused/in-place launches use the "
              "same entry (the table is keyed by kernel, dtype and vocabulary size only).")
@@ -442,7 +442,7 @@ class LCEProblem:
         else:
             values.update(row_max_ptr=self.ref_mx, log_d_ptr=self.ref_logd,
                           dlse_ptr=self.s_coef, alpha_ptr=self.alpha_b,
-                          dx_ptr=self.dx, dw_ptr=self.dw, db_ptr=self.db)
+                          dx_ptr=self.dx, dw_ptr=self.dw, db_ptr=self.db, filter_eps=0.0)
 
             def setup():  # atomically accumulated gradients start at zero
                 self.dx.zero_()

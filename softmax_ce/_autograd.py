@@ -5,6 +5,9 @@ Layer: above `_ops` (its only import in the package), below the public functions
 vocabulary-parallel loss.
 """
 
+import dataclasses
+from typing import Optional
+
 import torch
 
 from . import _ops
@@ -91,26 +94,102 @@ def _probability_target_grad(ctx, grad_loss):
     g = (grad_loss.to(row_max.dtype) * alpha)[:, None] * ((row_max[:, None] - z) + log_d[:, None])
     return g * weight if weight is not None else g
 
+@dataclasses.dataclass(frozen=True)
+class LinearParams:
+    """How LinearCrossEntropyFunction runs (everything but tensors).
+
+    impl: "chunked" (logits a chunk of rows at a time on the matmul library, the
+        cross-entropy kernels in place on each chunk) or "fused" (one Triton kernel per
+        tile, logits never stored at all).
+    grad_in_forward: chunked only: compute the gradients in the forward pass (the loss
+        is reduced to a scalar, so grad_output scales them exactly) -> the Function
+        returns the summed loss; else the per-row losses, and the backward recomputes.
+    chunk_rows: rows per chunk; accum_dtype: of dW and db (chunked); filter_eps: fused
+        only, 0 (exact) or the gradient filter's threshold.
+    allow_retain_graph: grad_in_forward only: the backward scales the forward's gradients
+        in place (no second weight-sized buffer), so a second backward raises; True keeps
+        them and scales copies (as torch's LinearCrossEntropyOptions.allow_retain_graph)."""
+    softcap: Optional[float]
+    impl: str = "chunked"
+    grad_in_forward: bool = False
+    chunk_rows: int = 1
+    accum_dtype: torch.dtype = torch.float32
+    filter_eps: float = 0.0
+    allow_retain_graph: bool = False
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd over x (N, D), weight (V, D), bias (V,) -> per-row loss (N,) fp32."""
+    """Autograd over x (N, D), weight (V, D), bias (V,) -> (loss, lse): loss the per-row
+    losses (N,) fp32, or their sum when params.grad_in_forward; lse (N,) fp32, the
+    per-row log-sum-exp (differentiable unless grad_in_forward)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, class_weight, alpha, beta, zeta, softcap):
-        loss, row_max, log_d, dlse = _ops.lce_fwd(x, weight, bias, target, class_weight, alpha, beta,
-                                            zeta, softcap)
-        ctx.softcap = softcap
-        ctx.save_for_backward(x, weight, bias, target, class_weight, row_max, log_d, dlse, alpha, beta)
-        return loss
+    def forward(ctx, x, weight, bias, target, class_weight, alpha, beta, zeta, params):
+        ctx.params = params
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_db = need_db and bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.precomputed = params.grad_in_forward and (need_dx or need_dw or need_db)
+        if params.impl == "fused":
+            loss, row_max, log_d, dlse = _ops.lce_fwd(x, weight, bias, target, class_weight,
+                                                      alpha, beta, zeta, params.softcap)
+        elif ctx.precomputed:
+            loss, row_max, log_d, dlse, dx, dw, db = _ops.lce_chunked(
+                x, weight, bias, target, class_weight, alpha, beta, zeta, params.softcap,
+                need_dx, need_dw, need_db, params.chunk_rows, params.accum_dtype)
+            ctx.save_for_backward(dx if need_dx else None, dw if need_dw else None,
+                                  db if need_db else None)
+        else:
+            loss, row_max, log_d, dlse = _ops.lce_chunked(
+                x, weight, bias, target, class_weight, alpha, beta, zeta, params.softcap,
+                False, False, False, params.chunk_rows, params.accum_dtype)[:4]
+        if not ctx.precomputed:
+            ctx.save_for_backward(x, weight, bias, target, class_weight, row_max, log_d, dlse,
+                                  alpha, beta)
+        lse = row_max + log_d
+        if params.grad_in_forward:
+            ctx.mark_non_differentiable(lse)
+            return loss.sum(), lse
+        return loss, lse
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_lse):
+        p = ctx.params
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        if ctx.precomputed:
+            # computed in the forward for grad_output = 1: the loss is a sum, so grad_output
+            # (a scalar) scales every gradient alike; in place unless the graph may be kept
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError(
+                    "softmax_ce.linear_cross_entropy: this loss's gradients, computed in its "
+                    "forward, were consumed by a first backward; for retain_graph=True pass "
+                    "options=LinearCrossEntropyOptions(allow_retain_graph=True)")
+            ctx.consumed = not p.allow_retain_graph
+            grads = []
+            for t, dt in zip(ctx.saved_tensors, ctx.dtypes):
+                if t is None:
+                    grads.append(None)
+                    continue
+                g = grad_loss.to(torch.promote_types(t.dtype, torch.float32))
+                grads.append((t.mul_(g) if not p.allow_retain_graph and t.dtype == g.dtype
+                              else t * g).to(dt))
+            return (*grads, None, None, None, None, None, None)
         x, weight, bias, target, class_weight, row_max, log_d, dlse, alpha, beta = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_db = need_db and bias is not None
         g = grad_loss.to(dlse.dtype)
-        dx, dw, db = _ops.lce_bwd(x, weight, bias, target, class_weight, row_max, log_d, g * dlse,
-                                  g * alpha, g * beta if beta is not None else None,
-                                  ctx.softcap, need_dx, need_dw, need_db and bias is not None)
-        return (dx.to(x.dtype) if need_dx else None,
-                dw.to(weight.dtype) if need_dw else None,
-                db.to(bias.dtype) if need_db and bias is not None else None,
+        if g.dim() == 0:
+            g = g.expand(dlse.shape)
+        dlse = g * dlse
+        if grad_lse is not None:
+            dlse = dlse + grad_lse.to(dlse.dtype)
+        args = (x, weight, bias, target, class_weight, row_max, log_d, dlse, g * alpha,
+                g * beta if beta is not None else None, p.softcap, need_dx, need_dw, need_db)
+        if p.impl == "fused":
+            dx, dw, db = _ops.lce_bwd(*args, p.filter_eps)
+        else:
+            dx, dw, db = _ops.lce_chunked_bwd(*args, p.chunk_rows, p.accum_dtype)
+        return (dx.to(x_dtype) if need_dx else None,
+                dw.to(w_dtype) if need_dw else None,
+                db.to(b_dtype) if need_db else None,
                 None, None, None, None, None, None)

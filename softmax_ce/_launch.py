@@ -119,8 +119,143 @@ def linear_forward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
 def linear_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                     class_weight: Optional[Tensor], row_max: Tensor, log_d: Tensor,
                     dlse: Tensor, alpha: Tensor, beta: Optional[Tensor],
-                    softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool):
-    """-> (dx (N, D), dw (V, D), db (V,)) accumulated in fp32; empty where not needed."""
-    impl = _triton_path if uses_triton(x) and x.shape[0] > 0 else _torch_path
-    return impl.lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta,
-                             softcap, need_dx, need_dw, need_db)
+                    softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool,
+                    filter_eps: float = 0.0):
+    """-> (dx (N, D), dw (V, D), db (V,)) accumulated in fp32; empty where not needed.
+    filter_eps > 0: the Triton kernel skips tiles whose gradient is below it (see
+    kernels/linear_cross_entropy.py); the PyTorch path computes every chunk."""
+    if uses_triton(x) and x.shape[0] > 0:
+        return _triton_path.lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse,
+                                         alpha, beta, softcap, need_dx, need_dw, need_db,
+                                         filter_eps)
+    return _torch_path.lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha,
+                                    beta, softcap, need_dx, need_dw, need_db)
+
+
+# ----------------------------------------------------------------------------
+# Linear cross-entropy, chunked on the matmul library (impl="chunked")
+# ----------------------------------------------------------------------------
+#
+# Per chunk of rows c:  logits_c = x_c @ W^T (+ b) into one reused buffer (the matmul
+# library: cuBLAS on a GPU), then the cross-entropy kernels read it and write the
+# gradient G_c over it in place, then dx_c = G_c @ W and dW += G_c^T @ x_c, db += sum G_c.
+# FLOPs: 2 N V D per pass of logits, 2 N V D for each of dx and dW.  With the gradient
+# computed in the forward (scalar reductions) a training step does the three GEMMs once,
+# 6 N V D; recomputing in the backward (reduction="none", vocabulary parallelism) adds
+# the logits again, 8 N V D.  Bytes per logit element of the buffer's dtype b: the GEMM
+# writes it (b), the cross-entropy kernel reads it and writes G (2b, 3b for rows longer
+# than one tile, see kernels/cross_entropy.py), the two GEMMs read G (2b).
+# Memory: one chunk of logits (chunk_rows x V in the input's dtype) plus the
+# accumulators dW (V x D in accum_dtype) and db.
+
+def linear_chunk_rows(n_rows: int, n_vocab: int, elem_bytes: int, chunk_bytes: int) -> int:
+    """Rows per chunk: as many as fit `chunk_bytes` of logits (at least 1, at most all)."""
+    return max(1, min(n_rows, chunk_bytes // max(1, n_vocab * elem_bytes)))
+
+
+def _chunk_logits(x_c: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+    torch.matmul(x_c, w.t(), out=out)
+    if b is not None:
+        out += b
+    return out
+
+
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, with acc possibly wider (fp32) than a and b (bf16)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _MM_OUT_DTYPE:
+        acc += torch.mm(a, b, out_dtype=acc.dtype)  # cuBLAS: bf16 in, fp32 out, no rounding
+    else:
+        acc += (a @ b).to(acc.dtype)
+
+
+_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "")
+
+
+def linear_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                   class_weight: Optional[Tensor], alpha: Tensor, beta: Optional[Tensor],
+                   zeta: Optional[Tensor], softcap: Optional[float], need_dx: bool,
+                   need_dw: bool, need_db: bool, chunk_rows: int, accum_dtype: torch.dtype):
+    """Forward of the chunked linear cross-entropy, with the gradients for grad_output = 1
+    when any is asked for -> (loss, row_max, log_d, dlse, dx, dw, db); dx in x's dtype, dw
+    and db in accum_dtype, each empty when not needed."""
+    n_rows, dim = x.shape
+    n_vocab = w.shape[0]
+    rows_dtype = _torch_path.row_dtype(x)
+    loss, row_max, log_d, dlse = (x.new_empty(n_rows, dtype=rows_dtype) for _ in range(4))
+    with_grad = need_dx or need_dw or need_db
+    dx = x.new_empty(n_rows, dim) if need_dx else x.new_empty(0)
+    dw = w.new_zeros(n_vocab, dim, dtype=accum_dtype) if need_dw else w.new_empty(0, dtype=accum_dtype)
+    db = w.new_zeros(n_vocab, dtype=accum_dtype) if need_db else w.new_empty(0, dtype=accum_dtype)
+    if n_rows == 0:
+        return loss, row_max, log_d, dlse, dx, dw, db
+    buf = x.new_empty(min(chunk_rows, n_rows), n_vocab)
+    for r0 in range(0, n_rows, chunk_rows):
+        rows = slice(r0, min(n_rows, r0 + chunk_rows))
+        z = _chunk_logits(x[rows], w, b, buf[:rows.stop - r0])
+        forward_into(z, target[rows], class_weight, alpha[rows],
+                     beta[rows] if beta is not None else None,
+                     zeta[rows] if zeta is not None else None,
+                     loss[rows], row_max[rows], log_d[rows], dlse[rows],
+                     z if with_grad else None, False, softcap)
+        if with_grad:
+            _chunk_grads(z, x[rows], w, dx[rows] if need_dx else None,
+                         dw if need_dw else None, db if need_db else None)
+    return loss, row_max, log_d, dlse, dx, dw, db
+
+
+def _chunk_grads(g: Tensor, x_c: Tensor, w: Tensor, dx_c, dw, db) -> None:
+    if dx_c is not None:
+        torch.matmul(g, w, out=dx_c)
+    if dw is not None:
+        _accumulate(dw, g.t(), x_c)
+    if db is not None:
+        db += g.sum(dim=0, dtype=db.dtype)
+
+
+def linear_chunked_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                         class_weight: Optional[Tensor], need_smooth: bool,
+                         softcap: Optional[float], chunk_rows: int):
+    """linear_stats, chunked on the matmul library: (row_max, log_d, lse - z'_t,
+    sum_c w_c (lse - z'_c) or None), for a caller that combines slices itself."""
+    n_rows, n_vocab = x.shape[0], w.shape[0]
+    rows_dtype = _torch_path.row_dtype(x)
+    row_max, log_d, unused_loss, unused_dlse = (x.new_empty(n_rows, dtype=rows_dtype)
+                                                for _ in range(4))
+    stats = x.new_zeros(n_rows, 3, dtype=rows_dtype)
+    ones = x.new_ones(n_rows, dtype=rows_dtype)
+    if n_rows:
+        buf = x.new_empty(min(chunk_rows, n_rows), n_vocab)
+    for r0 in range(0, n_rows, chunk_rows):
+        rows = slice(r0, min(n_rows, r0 + chunk_rows))
+        z = _chunk_logits(x[rows], w, b, buf[:rows.stop - r0])
+        forward_into(z, target[rows], class_weight, ones[rows], ones[rows] if need_smooth else None,
+                     None, unused_loss[rows], row_max[rows], log_d[rows], unused_dlse[rows], None,
+                     False, softcap, stats[rows])
+    return (row_max, log_d, stats[:, 0].clone(),
+            stats[:, 1].clone() if need_smooth else None)
+
+
+def linear_chunked_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                            class_weight: Optional[Tensor], row_max: Tensor, log_d: Tensor,
+                            dlse: Tensor, alpha: Tensor, beta: Optional[Tensor],
+                            softcap: Optional[float], need_dx: bool, need_dw: bool,
+                            need_db: bool, chunk_rows: int, accum_dtype: torch.dtype):
+    """The gradients recomputed chunk by chunk from the saved row statistics (dlse, alpha,
+    beta already hold grad_output) -> (dx in x's dtype, dw and db in accum_dtype)."""
+    n_rows, dim = x.shape
+    n_vocab = w.shape[0]
+    dx = x.new_empty(n_rows, dim) if need_dx else x.new_empty(0)
+    dw = w.new_zeros(n_vocab, dim, dtype=accum_dtype) if need_dw else w.new_empty(0, dtype=accum_dtype)
+    db = w.new_zeros(n_vocab, dtype=accum_dtype) if need_db else w.new_empty(0, dtype=accum_dtype)
+    if n_rows:
+        buf = x.new_empty(min(chunk_rows, n_rows), n_vocab)
+    for r0 in range(0, n_rows, chunk_rows):
+        rows = slice(r0, min(n_rows, r0 + chunk_rows))
+        z = _chunk_logits(x[rows], w, b, buf[:rows.stop - r0])
+        backward_into(z, target[rows], class_weight, row_max[rows], log_d[rows], dlse[rows],
+                      alpha[rows], beta[rows] if beta is not None else None, z, False, softcap)
+        _chunk_grads(z, x[rows], w, dx[rows] if need_dx else None,
+                     dw if need_dw else None, db if need_db else None)
+    return dx, dw, db

@@ -153,23 +153,52 @@ def lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
 
 @torch.library.custom_op("softmax_ce::lce_bwd", mutates_args=())
 def lce_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
-            class_weight: Optional[Tensor], row_max: Tensor, log_d: Tensor, dlse: Tensor, alpha: Tensor,
-            beta: Optional[Tensor], softcap: Optional[float], need_dx: bool, need_dw: bool,
-            need_db: bool) -> List[Tensor]:
+            class_weight: Optional[Tensor], row_max: Tensor, log_d: Tensor, dlse: Tensor,
+            alpha: Tensor, beta: Optional[Tensor], softcap: Optional[float], need_dx: bool,
+            need_dw: bool, need_db: bool, filter_eps: float) -> List[Tensor]:
     """-> [dx (N, D), dw (V, D), db (V,)] in fp32, each empty when not needed."""
-    return list(_launch.linear_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta,
-                                        softcap, need_dx, need_dw, need_db))
+    return list(_launch.linear_backward(x, w, b, target, class_weight, row_max, log_d, dlse,
+                                        alpha, beta, softcap, need_dx, need_dw, need_db,
+                                        filter_eps))
+
+
+@torch.library.custom_op("softmax_ce::lce_chunked", mutates_args=())
+def lce_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                class_weight: Optional[Tensor], alpha: Tensor, beta: Optional[Tensor],
+                zeta: Optional[Tensor], softcap: Optional[float], need_dx: bool, need_dw: bool,
+                need_db: bool, chunk_rows: int, accum_dtype: torch.dtype) -> List[Tensor]:
+    """Chunked on the matmul library: -> [loss_rows, row_max, log_d, dlse, dx, dw, db];
+    the gradients (for grad_output = 1) are computed in this same pass when asked for."""
+    return list(_launch.linear_chunked(x, w, b, target, class_weight, alpha, beta, zeta, softcap,
+                                       need_dx, need_dw, need_db, chunk_rows, accum_dtype))
+
+
+@torch.library.custom_op("softmax_ce::lce_chunked_bwd", mutates_args=())
+def lce_chunked_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                    class_weight: Optional[Tensor], row_max: Tensor, log_d: Tensor,
+                    dlse: Tensor, alpha: Tensor, beta: Optional[Tensor],
+                    softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool,
+                    chunk_rows: int, accum_dtype: torch.dtype) -> List[Tensor]:
+    """Chunked, recomputing the logits: -> [dx (x's dtype), dw, db (accum_dtype)]."""
+    return list(_launch.linear_chunked_backward(x, w, b, target, class_weight, row_max, log_d,
+                                                dlse, alpha, beta, softcap, need_dx, need_dw,
+                                                need_db, chunk_rows, accum_dtype))
 
 
 @torch.library.custom_op("softmax_ce::lce_stats", mutates_args=())
 def lce_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
               class_weight: Optional[Tensor], need_smooth: bool,
-              softcap: Optional[float]) -> List[Tensor]:
+              softcap: Optional[float], chunk_rows: int) -> List[Tensor]:
     """One vocabulary slice's row statistics of x @ w.T + b, for softmax_ce.distributed:
     -> [row_max, log_d, target_term, smooth_term] ((N,) each; smooth_term empty without
-    smoothing), about this slice's own lse = row_max + log_d."""
-    row_max, log_d, target_term, smooth_term = _launch.linear_stats(x, w, b, target, class_weight,
-                                                              need_smooth, softcap)
+    smoothing), about this slice's own lse = row_max + log_d.  chunk_rows > 0: chunked on
+    the matmul library; 0: the fused kernel."""
+    if chunk_rows > 0:
+        stats = _launch.linear_chunked_stats(x, w, b, target, class_weight, need_smooth, softcap,
+                                             chunk_rows)
+    else:
+        stats = _launch.linear_stats(x, w, b, target, class_weight, need_smooth, softcap)
+    row_max, log_d, target_term, smooth_term = stats
     # the PyTorch path hands back columns of one (N, 3) tensor; an op's outputs may not
     # alias each other, so each leaves as its own (N,) copy
     return [row_max, log_d, target_term.clone(),
@@ -177,7 +206,7 @@ def lce_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
 
 
 @lce_stats.register_fake
-def _(x, w, b, target, class_weight, need_smooth, softcap):
+def _(x, w, b, target, class_weight, need_smooth, softcap, chunk_rows):
     row_max, log_d, target_term = _row_outputs(x, 3)
     return [row_max, log_d, target_term, row_max.new_empty(x.shape[0] if need_smooth else 0)]
 
@@ -187,13 +216,31 @@ def _(x, w, b, target, class_weight, alpha, beta, zeta, softcap):
     return _row_outputs(x)
 
 
-@lce_bwd.register_fake
-def _(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta, softcap, need_dx, need_dw,
-      need_db):
+def _grad_outputs(x, w, row_max, need_dx, need_dw, need_db, dx_dtype, acc_dtype):
     n, d = x.shape
     v = w.shape[0]
-    return [row_max.new_empty((n, d) if need_dx else (0,)), row_max.new_empty((v, d) if need_dw else (0,)),
-            row_max.new_empty((v,) if need_db else (0,))]
+    return [x.new_empty((n, d) if need_dx else (0,), dtype=dx_dtype),
+            w.new_empty((v, d) if need_dw else (0,), dtype=acc_dtype),
+            w.new_empty((v,) if need_db else (0,), dtype=acc_dtype)]
+
+
+@lce_bwd.register_fake
+def _(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta, softcap, need_dx, need_dw,
+      need_db, filter_eps):
+    return _grad_outputs(x, w, row_max, need_dx, need_dw, need_db, row_max.dtype, row_max.dtype)
+
+
+@lce_chunked.register_fake
+def _(x, w, b, target, class_weight, alpha, beta, zeta, softcap, need_dx, need_dw, need_db,
+      chunk_rows, accum_dtype):
+    rows = _row_outputs(x)
+    return rows + _grad_outputs(x, w, rows[0], need_dx, need_dw, need_db, x.dtype, accum_dtype)
+
+
+@lce_chunked_bwd.register_fake
+def _(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta, softcap, need_dx, need_dw,
+      need_db, chunk_rows, accum_dtype):
+    return _grad_outputs(x, w, row_max, need_dx, need_dw, need_db, x.dtype, accum_dtype)
 
 
 # ----------------------------------------------------------------------------

@@ -65,10 +65,63 @@ def _grad_chunk(z, slope, target, weight, row_max, log_d, dlse, alpha, beta, pro
         active |= beta != 0
     return g.masked_fill_(~active[:, None], 0.0)
 
+def _ce_forward_in_place(z, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse):
+    """ce_forward when the gradient goes over the logits themselves, already in the
+    compute dtype, class-index targets, no softcap (the linear cross-entropy's chunks):
+    e = exp(z - m) is formed over z, its row sums give log d, and the gradient is then
+    e * (dlse / d) - alpha onehot - beta w, all in place.  Five passes over the chunk and
+    no temporary of its size, where the general path makes two."""
+    n_cols = z.shape[1]
+    m = z.amax(dim=1)
+    rmax = torch.where(m == float("-inf"), 0.0, m)
+    in_range = (target >= 0) & (target < n_cols)
+    cols = torch.where(in_range, target, 0).long()[:, None]
+    z_t = torch.where(in_range, z.gather(1, cols)[:, 0], rmax)
+    z.sub_(rmax[:, None])
+    if beta is not None:
+        # sum_c w_c (z_c - m), about the row max so that W lse - sum w z does not cancel
+        W = weight.sum() if weight is not None else float(n_cols)
+        wz = torch.mv(z, weight) if weight is not None else z.sum(dim=1)
+    z.exp_()
+    ld = z.sum(dim=1).log_()
+    lse = rmax + ld
+    target_term = (rmax - z_t) + ld
+    loss_c = torch.where(alpha != 0, alpha * target_term, 0.0)
+    dlse_c = alpha.clone()
+    if beta is not None:
+        smooth = W * ld - wz  # sum_c w_c (lse - z_c) = W log d - sum_c w_c (z_c - m)
+        loss_c += torch.where(beta != 0, beta * smooth, 0.0)
+        dlse_c += beta * W
+    if zeta is not None:
+        loss_c += torch.where(zeta != 0, zeta * lse * lse, 0.0)
+        dlse_c += 2.0 * zeta * lse
+    loss.copy_(loss_c)
+    row_max.copy_(rmax)
+    log_d.copy_(ld)
+    dlse.copy_(dlse_c)
+    z.mul_((dlse_c * torch.exp(-ld))[:, None])  # s * dlse = e / d * dlse
+    z.scatter_add_(1, cols, -torch.where(in_range, alpha, 0.0)[:, None].to(z.dtype))
+    if beta is not None:
+        z.sub_(beta[:, None] * (weight if weight is not None else 1.0))
+    active = (dlse_c != 0) | (alpha != 0)
+    if beta is not None:
+        active |= beta != 0
+    z.masked_fill_(~active[:, None], 0.0)
+
+
 def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse, grad,
                prob_target, softcap, stats=None):
     n_rows, n_cols = logits.shape
     cdt = row_dtype(logits)
+    if (grad is not None and grad.data_ptr() == logits.data_ptr() and logits.dtype == cdt
+            and logits.is_contiguous() and grad.is_contiguous() and softcap is None
+            and not prob_target and stats is None):
+        w = weight.to(cdt) if weight is not None else None
+        _ce_forward_in_place(logits, target, w, alpha.to(cdt),
+                             beta.to(cdt) if beta is not None else None,
+                             zeta.to(cdt) if zeta is not None else None,
+                             loss, row_max, log_d, dlse)
+        return
     w = weight.to(cdt) if weight is not None else None
     for rows in _chunks(n_rows, n_cols):
         z, slope = _softcapped(logits[rows].to(cdt), softcap, need_slope=grad is not None)

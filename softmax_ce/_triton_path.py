@@ -232,7 +232,7 @@ def lce_stats(x, w, b, target, class_weight, need_smooth, softcap):
     return row_max, log_d, target_term, smooth_term
 
 def lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta, softcap,
-                need_dx, need_dw, need_db):
+                need_dx, need_dw, need_db, filter_eps=0.0):
     n_rows, dim = x.shape
     n_vocab = w.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -244,10 +244,11 @@ def lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, bet
             row_max, log_d, dlse, alpha, beta if beta is not None else row_max,
             dx, dw, db, n_rows, n_vocab, dim,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), target.stride(0),
-            float(softcap) if softcap is not None else 1.0)
+            float(softcap) if softcap is not None else 1.0, float(filter_eps))
     flags = dict(HAS_BIAS=b is not None, HAS_CLASS_WEIGHT=class_weight is not None,
                  HAS_SMOOTHING=beta is not None, HAS_SOFTCAP=softcap is not None,
                  COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+                 HAS_FILTER=filter_eps > 0,
                  DOT_PRECISION=_dot_precision(x), UPCAST_DOT=_upcast_dot(x))
     run_kernel("lce_bwd", KL.lce_bwd_kernel, KL.lce_bwd_tuned, _grid(n_rows, n_vocab), args, flags,
                x.device, n_vocab, x.dtype, KL.lce_interpreter_config(n_rows, n_vocab, dim))

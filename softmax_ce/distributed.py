@@ -299,61 +299,77 @@ def sharded_cross_entropy(logits2, target2, weight, prob_target, softcap, ignore
 # ----------------------------------------------------------------------------
 
 class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
-    """x (N, D) replicated, weight (V_local, D), bias (V_local,) -> per-row loss (N,) and
-    the mean-of-nothing term."""
+    """x (N, D) replicated, weight (V_local, D), bias (V_local,) -> per-row loss (N,), the
+    global per-row lse (N,) and the mean-of-nothing term.
+
+    Each rank runs the single-device design on its slice (params.impl): chunked, the
+    slice's logits a chunk of rows at a time on the matmul library, or fused.  The
+    forward only gathers statistics (the gradient needs the global lse, known after the
+    all-gather), and the backward recomputes the slice's logits: 8 N V_local D FLOPs."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target2, class_weight, softcap, ignore_index,
-                reduction, label_smoothing, z_loss, group, api):
+    def forward(ctx, x, weight, bias, target2, class_weight, ignore_index, reduction,
+                label_smoothing, z_loss, group, api, params):
         n_local = weight.shape[0]
         need_smooth = label_smoothing > 0
         row_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        chunk_rows = params.chunk_rows if params.impl == "chunked" else 0
         kept = {}
 
         def compute(offset, n_global):
             cw_local = _slice_weight(class_weight, offset, n_local, n_global, row_dtype,
-                                     x.device, api, "class_weight")
+                                     x.device, api, "weight")
             local_t, owned = _local_targets(target2, offset, n_local, ignore_index)
             cw = cw_local if need_smooth else None
             if n_local > 0:
                 row_max_r, log_d_r, target_term, smooth_term = _ops.lce_stats(
-                    x, weight, bias, local_t, cw, need_smooth, softcap)
+                    x, weight, bias, local_t, cw, need_smooth, params.softcap, chunk_rows)
                 smooth_term = smooth_term if need_smooth else None
             else:
                 row_max_r, log_d_r, target_term, smooth_term = _empty_slice_stats(
                     x.shape[0], row_dtype, x.device, need_smooth)
             kept.update(local_t=local_t, cw=cw, has_weight=cw_local is not None)
-            return _local_stats(row_max_r, log_d_r, target_term, smooth_term, None, owned, cw_local,
-                                local_t, n_local)
+            return _local_stats(row_max_r, log_d_r, target_term, smooth_term, None, owned,
+                                cw_local, local_t, n_local)
 
         gathered, _, n_global = gather_statistics(group, n_local, x.device, compute)
         _check_targets(target2, ignore_index, n_global, api)
         loss, row_max, log_d, dlse, alpha, beta, nan_if_empty = _global_coefficients(
             gathered, False, target2, ignore_index, kept["has_weight"], n_global,
             reduction, label_smoothing, z_loss)
-        ctx.softcap, ctx.group = softcap, group
+        ctx.params, ctx.group = params, group
         ctx.save_for_backward(x, weight, bias, kept["local_t"], kept["cw"], row_max, log_d, dlse,
                               alpha, beta)
         ctx.mark_non_differentiable(nan_if_empty)
-        return loss, nan_if_empty
+        return loss, row_max + log_d, nan_if_empty
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_nan):
+    def backward(ctx, grad_loss, grad_lse, grad_nan):
         x, weight, bias, local_t, cw, row_max, log_d, dlse, alpha, beta = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_db = need_db and bias is not None
+        p = ctx.params
         g = grad_loss.to(dlse.dtype)
+        dlse = g * dlse
+        if grad_lse is not None:
+            dlse = dlse + grad_lse.to(dlse.dtype)
         if weight.shape[0] > 0:
-            dx, dw, db = _ops.lce_bwd(x, weight, bias, local_t, cw, row_max, log_d, g * dlse, g * alpha,
-                                      g * beta if beta is not None else None, ctx.softcap,
-                                      need_dx, need_dw, need_db and bias is not None)
+            args = (x, weight, bias, local_t, cw, row_max, log_d, dlse, g * alpha,
+                    g * beta if beta is not None else None, p.softcap, need_dx, need_dw, need_db)
+            if p.impl == "fused":
+                dx, dw, db = _ops.lce_bwd(*args, p.filter_eps)
+            else:
+                dx, dw, db = _ops.lce_chunked_bwd(*args, p.chunk_rows, p.accum_dtype)
         else:
-            dx = torch.zeros(x.shape, dtype=dlse.dtype, device=x.device)
+            dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
             dw = torch.zeros(weight.shape, dtype=dlse.dtype, device=x.device)
             db = torch.zeros(weight.shape[:1], dtype=dlse.dtype, device=x.device)
         if need_dx:
             # the replicated hidden states feed every rank's slice: sum the partial gradients
+            # (in fp32: bf16 partial sums would round at every rank)
+            dx = dx.to(dlse.dtype)
             dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.group)
         return (dx.to(x.dtype) if need_dx else None,
                 dw.to(weight.dtype) if need_dw else None,
-                db.to(bias.dtype) if need_db and bias is not None else None,
+                db.to(bias.dtype) if need_db else None,
                 None, None, None, None, None, None, None, None, None)

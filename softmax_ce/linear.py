@@ -15,54 +15,98 @@ from torch import Tensor
 
 from . import _rows as R
 from . import distributed
-from ._autograd import LinearCrossEntropyFunction
+from ._autograd import LinearCrossEntropyFunction, LinearParams
 
 _API = "linear_cross_entropy"
 
 
-def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
-                         bias: Optional[Tensor] = None, ignore_index: int = -100,
-                         reduction: str = "mean", label_smoothing: float = 0.0, *,
-                         z_loss: float = 0.0, softcap: Optional[float] = None,
-                         shift: bool = False, class_weight: Optional[Tensor] = None,
-                         process_group=None, loss_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """`cross_entropy(F.linear(input, weight, bias), target, ...)` without the logits.
+IMPLS = ("chunked", "fused")
 
-    input: hidden states (..., D); weight: the LM head (V, D); bias: (V,) or None;
-    target: class indices (...).  ignore_index, reduction, label_smoothing, z_loss and
-    softcap mean what they mean in `softmax_ce.cross_entropy`; class_weight is that
-    function's `weight` (per-class weights, (V,)).
+# The chunk of logits impl="chunked" holds at a time, by default: 1 GiB on a GPU (large
+# enough that each chunk's GEMMs run at full speed), 32 MiB on a CPU (its RAM is the
+# budget; at N=4096, D=256, V=32000 fp32 that is 262 rows, whose GEMMs still run at full
+# speed, and the in-place chunk math of _torch_path adds no temporary of its size).
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 32 << 20}
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         reduction: str = "mean", ignore_index: Optional[int] = -100,
+                         label_smoothing: float = 0.0, options=None,
+                         z_loss: float = 0.0, softcap: Optional[float] = None,
+                         shift: bool = False, return_lse: bool = False,
+                         accum_dtype: Optional[torch.dtype] = torch.float32,
+                         impl: str = "chunked", chunk_bytes: Optional[int] = None,
+                         filter_eps: float = 0.0, process_group=None,
+                         loss_dtype: Optional[torch.dtype] = None):
+    """`cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight, ...)`
+    without the (N, V) logits: torch's `F.linear_cross_entropy` signature and meaning
+    (`weight` is the class weights; torch 2.13+), plus our extras as keywords.
+
+    input: hidden states (..., D); linear_weight: the LM head (V, D); linear_bias: (V,)
+    or None; target: class indices (...).  ignore_index (None means -100, as in torch),
+    reduction, label_smoothing, weight, z_loss and softcap mean what they mean in
+    `softmax_ce.cross_entropy`.
+    options: torch's LinearCrossEntropyOptions is accepted: batch_chunk_size, when set, is
+        the number of rows per chunk, and allow_retain_graph=True keeps the gradients the
+        forward computed so that a second backward works (by default the backward scales
+        them in place, as torch's does); its other fields are torch's own policies and are
+        ignored.
+    impl: "chunked" (default): a chunk of rows' logits at a time in one reused buffer,
+        computed by the matmul library (cuBLAS), with the cross-entropy kernels writing
+        the gradient over it in place; for a scalar reduction the gradients are
+        computed in the forward and only scaled in the backward, so a training step
+        runs the three GEMMs once (6 N V D FLOPs); reduction="none" (and return_lse)
+        recompute them in the backward (8 N V D).  Peak extra memory: one chunk plus
+        the accumulators.  "fused": one Triton kernel per tile, the logits never exist,
+        not even a chunk (8 N V D FLOPs, fp32 atomics; the smallest memory).
+    chunk_bytes: the chunk's budget (default CHUNK_BYTES: 1 GiB on a GPU, 32 MiB on a CPU).
+    accum_dtype: dtype of the weight's (and bias's) gradient accumulator with "chunked":
+        float32 (default, float64 for a float64 head; V x D x 4 bytes, 2.1 GB for
+        Llama-3-8B's head) or the weight's own dtype (half that memory for bf16, rounded
+        at every chunk's addition).
+    filter_eps: "fused" only, on the Triton kernels: skip a tile whose every gradient
+        entry is below filter_eps times the largest row coefficient (softmax below
+        filter_eps, no target in it); 0 (default) keeps the result exact.
     shift: the causal-LM shift, position t predicts target t + 1.  The hidden states are
         not copied: the target is shifted instead and the last position is ignored, and
         reduction="none" returns the (..., T - 1) losses.
-    Under torch.autocast, input, weight and bias are cast to the autocast dtype as
-    F.linear would be, and the loss is fp32; gradients flow back to fp32 master weights.
-    process_group: vocabulary parallelism (a column-parallel LM head).  `weight` and
-        `bias` hold this rank's contiguous slice of the vocabulary's rows, slices in rank
-        order; `input` and `target` (global class indices) are replicated.  The loss is
-        the unsharded one on every rank; the weight and bias gradients are this rank's
-        slices, the input gradient is the full one on every rank (all-reduced over the
-        group in the backward).  A DTensor weight sharded on dim 0 over a 1-D mesh brings
-        its own group.  See softmax_ce.distributed for the communication.
+    return_lse: also return the per-token log-sum-exp (fp32, target's shape; differentiable).
+    Under torch.autocast, input, linear_weight and linear_bias are cast to the autocast
+    dtype as F.linear would be, and the loss is fp32.
+    process_group: vocabulary parallelism (a column-parallel LM head): linear_weight and
+        linear_bias hold this rank's contiguous slice of the vocabulary's rows, slices in
+        rank order; input and target (global class indices) are replicated.  The loss is
+        the unsharded one on every rank; the head's gradients are this rank's slices, the
+        input gradient the full one (all-reduced).  A DTensor head sharded on dim 0 over a
+        1-D mesh brings its own group.  See softmax_ce.distributed.
     loss_dtype: the dtype of the returned loss; by default the input's (fp32 under
         autocast).  The loss is always accumulated in fp32, so `torch.float32` returns it
-        unrounded for low-precision inputs, as transformers' losses (which upcast the
-        logits) do.
+        unrounded for low-precision inputs, as transformers' losses do.
     """
+    ignore_index = -100 if ignore_index is None else ignore_index
     R.check_options(reduction, label_smoothing, z_loss, softcap, api=_API)
-    weight, bias, process_group = _unwrap_dtensor_head(weight, bias, process_group)
-    R.check_linear_inputs(input, weight, target, bias, shift, _API)
+    if impl not in IMPLS:
+        R.fail(ValueError, f"impl={impl!r} is not one of {IMPLS}", _API)
+    input_w, bias, process_group = _unwrap_dtensor_head(linear_weight, linear_bias, process_group)
+    R.check_linear_inputs(input, input_w, target, bias, shift, _API)
     device_type = input.device.type
     out_dtype = input.dtype
     if torch.is_autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)
-        input, weight = input.to(dt), weight.to(dt)
+        input, input_w = input.to(dt), input_w.to(dt)
         bias = bias.to(dt) if bias is not None else None
         out_dtype = torch.float32  # autocast runs cross_entropy in fp32
     if loss_dtype is not None:
         out_dtype = loss_dtype
+    # a backward can follow only with grad enabled and something that requires grad;
+    # otherwise the forward computes no gradient (an eval loop under no_grad)
+    trains = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, input_w, bias))
+    params = _params(input, input_w, softcap, impl, reduction, return_lse and trains, options,
+                     chunk_bytes, accum_dtype, filter_eps, trains)
 
-    n_vocab, dim = weight.shape
+    n_vocab, dim = input_w.shape
     x2 = input.reshape(-1, dim)
     batch_shape = target.shape
     if shift:
@@ -72,34 +116,66 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
 
     row_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     if process_group is not None:
-        loss_rows, nan_if_empty = _sharded(x2, weight, bias, target2, class_weight, softcap,
-                                           ignore_index, reduction, label_smoothing, z_loss,
-                                           process_group, row_dtype)
+        loss_rows, lse, nan_if_empty = _sharded(x2, input_w, bias, target2, weight, ignore_index,
+                                                reduction, label_smoothing, z_loss, process_group,
+                                                params)
     else:
         cw = None
-        if class_weight is not None:
-            if class_weight.dim() != 1 or class_weight.numel() != n_vocab:
-                R.fail(RuntimeError, f"class_weight must be a 1-D tensor with one entry per class "
-                                    f"({n_vocab}), got {tuple(class_weight.shape)}", _API)
-            cw = class_weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
+        if weight is not None:
+            R.check_weight(weight, n_vocab, _API)
+            cw = weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
         alpha, beta, zeta, nan_if_empty = R.row_coefficients(
             target2, False, cw, x2.shape[0], n_vocab, ignore_index, reduction, label_smoothing,
             z_loss, row_dtype, api=_API)
         kernel_cw = cw if beta is not None else None
         with torch.autocast(device_type, enabled=False):
-            loss_rows = LinearCrossEntropyFunction.apply(
-                x2, weight, bias, target2, kernel_cw, alpha, beta, zeta,
-                float(softcap) if softcap is not None else None)
+            loss_rows, lse = LinearCrossEntropyFunction.apply(
+                x2, input_w, bias, target2, kernel_cw, alpha, beta, zeta, params)
 
     if reduction == "none":
         loss = loss_rows.reshape(batch_shape)
+        lse = lse.reshape(batch_shape)
         if shift:
-            loss = loss[..., :-1]
+            loss, lse = loss[..., :-1], lse[..., :-1]
     else:
-        loss = loss_rows.sum()
+        loss = loss_rows.sum() if loss_rows.dim() else loss_rows  # (a sum already, or rows)
         if nan_if_empty is not None:
             loss = loss + nan_if_empty
-    return loss.to(out_dtype)
+        lse = lse.reshape(batch_shape)
+        if shift:
+            lse = lse[..., :-1]
+    loss = loss.to(out_dtype)
+    return (loss, lse) if return_lse else loss
+
+
+def _params(x, w, softcap, impl, reduction, return_lse, options, chunk_bytes, accum_dtype,
+            filter_eps, trains) -> LinearParams:
+    if accum_dtype is None or (accum_dtype == torch.float32 and w.dtype == torch.float64):
+        accum_dtype = torch.float32 if w.dtype != torch.float64 else torch.float64
+    if accum_dtype not in (torch.float32, w.dtype):
+        R.fail(ValueError, f"accum_dtype must be torch.float32 or the weight's dtype ({w.dtype}), "
+                           f"got {accum_dtype}", _API)
+    if impl == "fused" and accum_dtype != (torch.float64 if w.dtype == torch.float64
+                                           else torch.float32):
+        R.fail(ValueError, "impl='fused' accumulates its gradients in fp32 (atomics): "
+                           "accum_dtype must be torch.float32", _API)
+    if not float(filter_eps) >= 0.0:
+        R.fail(ValueError, f"filter_eps must be a non-negative float, got {filter_eps}", _API)
+    if filter_eps and impl != "fused":
+        R.fail(ValueError, "filter_eps filters the tiles of impl='fused'; the chunked path "
+                           "computes every logit", _API)
+    rows = getattr(options, "batch_chunk_size", None) if options is not None else None
+    if rows is None:
+        budget = chunk_bytes if chunk_bytes is not None else CHUNK_BYTES.get(x.device.type,
+                                                                             CHUNK_BYTES["cuda"])
+        rows = max(1, int(budget) // max(1, w.shape[0] * x.element_size()))
+    elif int(rows) < 1:
+        R.fail(ValueError, f"options.batch_chunk_size must be positive, got {rows}", _API)
+    return LinearParams(softcap=float(softcap) if softcap is not None else None, impl=impl,
+                        grad_in_forward=(trains and impl == "chunked" and reduction != "none"
+                                         and not return_lse),
+                        chunk_rows=int(rows), accum_dtype=accum_dtype, filter_eps=float(filter_eps),
+                        allow_retain_graph=bool(getattr(options, "allow_retain_graph", False)))
 
 
 def _unwrap_dtensor_head(weight, bias, process_group):
@@ -118,18 +194,15 @@ def _unwrap_dtensor_head(weight, bias, process_group):
     return weight.to_local(), bias, mesh.get_group()
 
 
-def _sharded(x2, weight, bias, target2, class_weight, softcap, ignore_index, reduction,
-             label_smoothing, z_loss, group, row_dtype):
-    if class_weight is not None and (not isinstance(class_weight, Tensor)
-                                     or class_weight.dim() != 1):
-        R.fail(RuntimeError, "class_weight must be a 1-D tensor: the full (V,) vector or this "
-                            "rank's slice", _API)
+def _sharded(x2, weight, bias, target2, class_weight, ignore_index, reduction, label_smoothing,
+             z_loss, group, params):
+    if class_weight is not None:
+        R.check_weight(class_weight, None, _API)  # the full (V,) vector or this rank's slice
     with torch.autocast(x2.device.type, enabled=False):
-        loss_rows, nan_if_empty = distributed.ShardedLinearCrossEntropyFunction.apply(
-            x2, weight, bias, target2, class_weight,
-            float(softcap) if softcap is not None else None,
-            ignore_index, reduction, float(label_smoothing), float(z_loss), group, _API)
-    return loss_rows, nan_if_empty if reduction == "mean" else None
+        loss_rows, lse, nan_if_empty = distributed.ShardedLinearCrossEntropyFunction.apply(
+            x2, weight, bias, target2, class_weight, ignore_index, reduction,
+            float(label_smoothing), float(z_loss), group, _API, params)
+    return loss_rows, lse, nan_if_empty if reduction == "mean" else None
 
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction"]

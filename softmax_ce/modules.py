@@ -7,6 +7,7 @@ a buffer, as in torch, so it follows .to(device) and lands in the state dict.
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .functional import cross_entropy
@@ -78,20 +79,46 @@ class CrossEntropyLoss(_LossOptions):
 
 
 class LinearCrossEntropyLoss(_LossOptions):
-    """Module form of `linear_cross_entropy`: forward(input, weight, target, bias=None)."""
+    """Drop-in for torch's `nn.LinearCrossEntropyLoss` (torch 2.13+): it owns the head,
+    `self.linear = nn.Linear(in_features, num_classes, bias=bias)`, and forward(input,
+    target) is `linear_cross_entropy(input, self.linear.weight, target, ...)`.  torch's
+    arguments mean what they mean there (weight: class weights; options: accepted, see
+    linear_cross_entropy); out_features other than () (a K-dimensional head) is refused.
+    Our extras are keywords after torch's."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Optional[Tensor] = None, ignore_index: Optional[int] = None,
+                 label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
                  softcap: Optional[float] = None, shift: bool = False,
-                 class_weight: Optional[Tensor] = None):
-        super().__init__("class_weight", class_weight, ignore_index, reduction, label_smoothing,
-                         z_loss, softcap)
+                 accum_dtype=torch.float32, impl: str = "chunked",
+                 chunk_bytes: Optional[int] = None, filter_eps: float = 0.0):
+        if tuple(out_features) != ():
+            raise ValueError("softmax_ce.LinearCrossEntropyLoss: out_features must be () (a "
+                             f"K-dimensional head is not supported), got {out_features}")
+        super().__init__("weight", weight, -100 if ignore_index is None else ignore_index,
+                         reduction, label_smoothing, z_loss, softcap)
+        self.num_classes = num_classes
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.options = options
         self.shift = shift
+        self.accum_dtype = accum_dtype
+        self.impl = impl
+        self.chunk_bytes = chunk_bytes
+        self.filter_eps = filter_eps
 
-    def forward(self, input: Tensor, weight: Tensor, target: Tensor,
-                bias: Optional[Tensor] = None) -> Tensor:
-        return linear_cross_entropy(input, weight, target, bias, **self._options(),
-                                    shift=self.shift, class_weight=self.class_weight)
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_cross_entropy(input, self.linear.weight, target,
+                                    linear_bias=self.linear.bias, weight=self.weight,
+                                    **self._options(), options=self.options, shift=self.shift,
+                                    accum_dtype=self.accum_dtype, impl=self.impl,
+                                    chunk_bytes=self.chunk_bytes, filter_eps=self.filter_eps)
 
     def _extra_parts(self) -> list:
-        return ["shift=True"] if self.shift else []
+        parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
+                 f"bias={self.linear.bias is not None}"]
+        if self.shift:
+            parts.append("shift=True")
+        if self.impl != "chunked":
+            parts.append(f"impl={self.impl!r}")
+        return parts

@@ -377,6 +377,15 @@ def check_lce_options(C):
 
 
 @check
+def check_lce_fused_impl(C):
+    """Each rank on the fused kernels instead of the chunked default."""
+    C.run_lce(V=V_SMALL, sizes=C.split, N=6, D=16, label_smoothing=0.1, softcap=4.0,
+              class_weight="slice", reduction="sum", impl="fused", seed="lfused")
+    C.run_lce(V=V_SMALL, sizes=C.split, N=6, D=16, z_loss=1e-2, reduction="none", impl="fused",
+              single=True, seed="lfused2")
+
+
+@check
 def check_lce_zero_rows(C):
     for reduction in ("mean", "sum"):
         C.run_lce(V=V_SMALL, sizes=C.split, N=0, D=16, reduction=reduction,
@@ -731,6 +740,7 @@ class _Ctx:
 
     # -- linear_cross_entropy --------------------------------------------------
     def run_lce(self, *, V, sizes=None, N=6, D=16, dtype=None, bias=True, class_weight=None,
+                impl="chunked",
                 ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                 softcap=None, shift=False, x_grad=True, dtensor=False, single=False, seed=()):
         import torch
@@ -786,8 +796,8 @@ class _Ctx:
         if cw is not None:
             cw_arg = cw if class_weight == "full" else cw[off:off + n].clone()
         with self.comm.track() as fwd:
-            loss = softmax_ce.linear_cross_entropy(xl, Wl, target, bl, **kw, shift=shift,
-                                                   class_weight=cw_arg,
+            loss = softmax_ce.linear_cross_entropy(xl, Wl, target, linear_bias=bl, **kw,
+                                                   shift=shift, weight=cw_arg, impl=impl,
                                                    process_group=None if dtensor else self.group)
         assert type(loss) is torch.Tensor and loss.dtype == dtype, (type(loss), loss.dtype)
         _close(loss, ref_loss, f"{tag}: loss", dtype)
@@ -827,8 +837,8 @@ class _Ctx:
         if single:
             xs, Ws = x.clone().requires_grad_(), W.clone().requires_grad_()
             bs = b.clone().requires_grad_() if bias else None
-            ls = softmax_ce.linear_cross_entropy(xs, Ws, target, bs, **kw, shift=shift,
-                                                 class_weight=cw)
+            ls = softmax_ce.linear_cross_entropy(xs, Ws, target, linear_bias=bs, **kw,
+                                                 shift=shift, weight=cw, impl=impl)
             (ls.double() * gout).sum().backward()
             _close(loss, ls, f"{tag}: loss vs unsharded softmax_ce", dtype)
             _close(xl.grad, xs.grad, f"{tag}: input grad vs unsharded", dtype)

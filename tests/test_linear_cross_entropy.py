@@ -1,4 +1,4 @@
-"""Fused linear cross-entropy: `softmax_ce.linear_cross_entropy(x, W, t, b, ...)` must equal
+"""Fused linear cross-entropy: `lce(x, W, t, b, ...)` must equal
 the unfused `cross_entropy(F.linear(x, W, b), t, ...)` - loss and the gradients of x, W
 and b - without ever allocating an N x V tensor.
 
@@ -31,6 +31,13 @@ from softmax_ce._launch import uses_triton
 from softmax_ce.kernels import linear_cross_entropy as KL
 
 from _helpers import gen
+
+
+def lce(x, w, t, b=None, *, class_weight=None, impl="fused", **kw):
+    """softmax_ce.linear_cross_entropy in this file's terms: the fused kernels (impl="fused",
+    what this file covers; tests/test_linear_chunked.py covers "chunked" beside it),
+    the head's bias fourth, class weights as class_weight (torch's `weight`)."""
+    return softmax_ce.linear_cross_entropy(x, w, t, linear_bias=b, weight=class_weight, impl=impl, **kw)
 from reference import reference_cross_entropy
 
 # The kernels' tanh (kernels/_online.py) is 1 - 2 / (exp(2x) + 1): exp overflows to inf for
@@ -135,7 +142,7 @@ def ref_leaf(v, requires_grad=True):
     return v.detach().double().requires_grad_(requires_grad)
 
 
-def run_pair(x, w, b, t, dtype, device, opts, grad_out_key=None):
+def run_pair(x, w, b, t, dtype, device, opts, grad_out_key=None, impl="fused"):
     """softmax_ce in `dtype` on `device` and the fp64 reference on the same (rounded) values.
 
     -> (loss, ref_loss, [(grad, ref_grad, name), ...]).  reduction="none" is
@@ -147,9 +154,12 @@ def run_pair(x, w, b, t, dtype, device, opts, grad_out_key=None):
     opts = dict(opts)
     cw = opts.pop("class_weight", None)
     tt = t.to(device)
-    loss = softmax_ce.linear_cross_entropy(ours[0], ours[1], tt, ours[2],
-                                           class_weight=cw.to(device) if cw is not None else None,
-                                           **opts)
+    run_opts = dict(opts)
+    if impl == "chunked":  # about three chunks, the last one partial
+        rows = max(1, x.reshape(-1, x.shape[-1]).shape[0] // 3)
+        run_opts["chunk_bytes"] = rows * w.shape[0] * ours[0].element_size()
+    loss = lce(ours[0], ours[1], tt, ours[2], class_weight=cw.to(device) if cw is not None else None,
+               impl=impl, **run_opts)
     ref = reference(refs[0], refs[1], t, refs[2], class_weight=cw.double() if cw is not None
                     else None, **opts)
     if opts.get("reduction") == "none":
@@ -230,22 +240,31 @@ def case_paths(cases):
             if not (p == "kernel_tiles16" and CASES[c][0].get("V", 0) > 1024)]
 
 
-@pytest.mark.parametrize("case,path", case_paths(CASES))
-def test_parity_fp32(case, path, monkeypatch):
+def with_impls(pairs):
+    """(case, path, impl): both impls, but "chunked" not on kernel_tiles16 (it runs no LCE
+    tile; the CE kernels' small tiles are tests/test_values.py's)."""
+    return [(c, p, i) for c, p in pairs for i in ("fused", "chunked")
+            if not (i == "chunked" and p == "kernel_tiles16")]
+
+
+@pytest.mark.parametrize("case,path,impl", with_impls(case_paths(CASES)))
+def test_parity_fp32(case, path, impl, monkeypatch):
     name, device = path, use_path(path, monkeypatch)
     x, w, b, t, opts = _materialise(case, *CASES[case])
     expect_path(name, x.to(device))
-    loss, ref, pairs = run_pair(x, w, b, t, torch.float32, device, opts, grad_out_key=case)
+    loss, ref, pairs = run_pair(x, w, b, t, torch.float32, device, opts, grad_out_key=case,
+                                impl=impl)
     check_pair(loss, ref, pairs, torch.float32)
 
 
-@pytest.mark.parametrize("case,path", case_paths(["odd_bias", "multiblock", "everything_none",
-                                                   "everything_mean_multiblock"]))
-def test_parity_bf16(case, path, monkeypatch):
+@pytest.mark.parametrize("case,path,impl", with_impls(case_paths(
+    ["odd_bias", "multiblock", "everything_none", "everything_mean_multiblock"])))
+def test_parity_bf16(case, path, impl, monkeypatch):
     name, device = path, use_path(path, monkeypatch)
     x, w, b, t, opts = _materialise(case, *CASES[case])
     expect_path(name, x.to(device=device, dtype=torch.bfloat16))
-    loss, ref, pairs = run_pair(x, w, b, t, torch.bfloat16, device, opts, grad_out_key=case)
+    loss, ref, pairs = run_pair(x, w, b, t, torch.bfloat16, device, opts, grad_out_key=case,
+                                impl=impl)
     check_pair(loss, ref, pairs, torch.bfloat16)
 
 
@@ -270,11 +289,11 @@ def test_zero_rows(lpath2):
     x = torch.zeros(0, 8, device=device, requires_grad=True)
     w = torch.randn(30, 8, generator=gen("zero_rows"), device="cpu").to(device).requires_grad_()
     t = torch.zeros(0, dtype=torch.long, device=device)
-    assert softmax_ce.linear_cross_entropy(x, w, t, reduction="none").shape == (0,)
-    loss = softmax_ce.linear_cross_entropy(x, w, t, reduction="sum")
+    assert lce(x, w, t, reduction="none").shape == (0,)
+    loss = lce(x, w, t, reduction="sum")
     loss.backward()
     assert loss.item() == 0 and w.grad is not None and not w.grad.any()
-    assert softmax_ce.linear_cross_entropy(x, w, t).isnan()  # a mean over nothing, as torch
+    assert lce(x, w, t).isnan()  # a mean over nothing, as torch
 
 
 @pytest.mark.parametrize("tdtype", [torch.int32, torch.uint8])
@@ -306,7 +325,7 @@ def test_shift(reduction, lpath):
     assert not dx[:, -1].any()
     # and the same as shifting the targets by hand (the documented equivalence)
     t_shifted = torch.cat([t[:, 1:], torch.full((3, 1), -100)], dim=1)
-    loss2 = softmax_ce.linear_cross_entropy(x.to(device), w.to(device), t_shifted.to(device),
+    loss2 = lce(x.to(device), w.to(device), t_shifted.to(device),
                                             b.to(device), reduction=reduction)
     if reduction == "none":
         loss2 = loss2[:, :-1]
@@ -334,7 +353,7 @@ def test_non_contiguous(lpath):
     w_nc = w_store.to(device).t().detach().requires_grad_()
     t_nc = t_store.to(device)[::2]
     assert not x_nc.is_contiguous() and not w_nc.is_contiguous() and not t_nc.is_contiguous()
-    loss = softmax_ce.linear_cross_entropy(x_nc, w_nc, t_nc, label_smoothing=0.1)
+    loss = lce(x_nc, w_nc, t_nc, label_smoothing=0.1)
     loss.backward()
     xr = ref_leaf(x_store[:, ::2])
     wr = ref_leaf(w_store.t())
@@ -354,7 +373,7 @@ def test_non_contiguous_3d_input(lpath2):
     x = store.to(device).transpose(0, 1).detach().requires_grad_()
     assert not x.is_contiguous()
     wd = leaf(w, device)
-    loss = softmax_ce.linear_cross_entropy(x, wd, t.to(device), shift=True, reduction="sum")
+    loss = lce(x, wd, t.to(device), shift=True, reduction="sum")
     loss.backward()
     xr = ref_leaf(store.transpose(0, 1))
     wr = ref_leaf(w)
@@ -374,7 +393,7 @@ def test_reduction_none_grad_output(lpath2):
     go = torch.randn(33, generator=gen("go"), dtype=torch.float64)
     go[:4] = 0.0
     xs, ws, bs = (leaf(v, device) for v in (x, w, b))
-    loss = softmax_ce.linear_cross_entropy(xs, ws, t.to(device), bs, reduction="none",
+    loss = lce(xs, ws, t.to(device), bs, reduction="none",
                                            z_loss=1e-2, label_smoothing=0.05)
     loss.backward(go.float().to(device))
     xr, wr, br = (ref_leaf(v) for v in (x, w, b))
@@ -390,12 +409,12 @@ def test_no_grad(lpath2):
     x, w, b, t = make_inputs(("no_grad",), 25, 10, 60, bias=True)
     xs, ws, bs = (leaf(v, device) for v in (x, w, b))
     with torch.no_grad():
-        loss = softmax_ce.linear_cross_entropy(xs, ws, t.to(device), bs)
+        loss = lce(xs, ws, t.to(device), bs)
     assert not loss.requires_grad
     ref = reference(x.double(), w.double(), t, b.double())
     assert_close(loss, ref, 1e-5, 0, "loss")
     # nothing requires grad at all: a plain value
-    loss2 = softmax_ce.linear_cross_entropy(x.to(device), w.to(device), t.to(device), b.to(device))
+    loss2 = lce(x.to(device), w.to(device), t.to(device), b.to(device))
     assert not loss2.requires_grad and loss2.grad_fn is None
     assert_close(loss2, ref, 1e-5, 0, "loss")
 
@@ -407,7 +426,7 @@ def test_partial_requires_grad(needs, lpath2):
     x, w, b, t = make_inputs(("partial",) + needs, 29, 11, 70, bias=True, ignore_frac=0.1)
     ours = {k: leaf(v, device, k in needs) for k, v in zip("xwb", (x, w, b))}
     refs = {k: ref_leaf(v, k in needs) for k, v in zip("xwb", (x, w, b))}
-    loss = softmax_ce.linear_cross_entropy(ours["x"], ours["w"], t.to(device), ours["b"],
+    loss = lce(ours["x"], ours["w"], t.to(device), ours["b"],
                                            label_smoothing=0.1, softcap=5.0)
     loss.backward()
     reference(refs["x"], refs["w"], t, refs["b"], label_smoothing=0.1, softcap=5.0).backward()
@@ -425,7 +444,7 @@ def test_grads_accumulate_into_existing(lpath2):
     x, w, b, t = make_inputs(("accumulate",), 20, 8, 40)
     xs, ws = leaf(x, device), leaf(w, device)
     for _ in range(2):
-        softmax_ce.linear_cross_entropy(xs, ws, t.to(device)).backward()
+        lce(xs, ws, t.to(device)).backward()
     xr, wr = ref_leaf(x), ref_leaf(w)
     reference(xr, wr, t).backward()
     assert_close(ws.grad, 2 * wr.grad, 1e-5, 1e-5, "dW")
@@ -438,7 +457,7 @@ def test_autocast_bf16(lpath2):
     x, w, b, t = make_inputs(("autocast",), 40, 24, 150, bias=True, ignore_frac=0.1)
     xs, ws, bs = (leaf(v, device) for v in (x, w, b))
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        loss = softmax_ce.linear_cross_entropy(xs, ws, t.to(device), bs)
+        loss = lce(xs, ws, t.to(device), bs)
         # what the unfused model computes under autocast: bf16 logits, fp32 loss
         logits = F.linear(xs.detach(), ws.detach(), bs.detach())
         assert logits.dtype == torch.bfloat16
@@ -468,7 +487,7 @@ def test_weight_grad_accumulates_in_fp32(lpath2):
     w = torch.randn(V, D, generator=g).to(torch.bfloat16)
     t = torch.full((N,), 3)
     xs, ws = leaf(x.contiguous(), device), leaf(w, device)
-    softmax_ce.linear_cross_entropy(xs, ws, t.to(device), reduction="sum").backward()
+    lce(xs, ws, t.to(device), reduction="sum").backward()
     assert ws.grad.dtype == torch.bfloat16
     xr, wr = ref_leaf(x[:1]), ref_leaf(w)
     reference(xr, wr, t[:1], reduction="sum").backward()
@@ -493,7 +512,7 @@ def test_gradcheck(reduction):
     cw = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
 
     def f(x, w, b):
-        return softmax_ce.linear_cross_entropy(x, w, t, b, reduction=reduction, softcap=2.0,
+        return lce(x, w, t, b, reduction=reduction, softcap=2.0,
                                                label_smoothing=0.1, z_loss=0.05, class_weight=cw)
 
     assert torch.autograd.gradcheck(f, (x, w, b))
@@ -523,41 +542,42 @@ def _good():
     (dict(softcap=0.0), ValueError, P + "softcap"),
     (dict(softcap=-1.0), ValueError, P + "softcap"),
     (dict(z_loss=-1e-3), ValueError, P + "z_loss"),
-    (dict(class_weight=torch.ones(9)), RuntimeError, P + "class_weight"),
+    (dict(class_weight=torch.ones(9)), RuntimeError, P + "weight"),
 ])
 def test_bad_options(kwargs, exc, match):
     x, w, t = _good()
     with pytest.raises(exc, match=match):
-        softmax_ce.linear_cross_entropy(x, w, t, **kwargs)
+        lce(x, w, t, **kwargs)
+    kwargs = {("weight" if k == "class_weight" else k): v for k, v in kwargs.items()}
     with pytest.raises(exc, match=match):
-        softmax_ce.LinearCrossEntropyLoss(**kwargs)(x, w, t)
+        softmax_ce.LinearCrossEntropyLoss(w.shape[1], w.shape[0], **kwargs)(x, t)
 
 
 def test_bad_tensors():
     x, w, t = _good()
     with pytest.raises(RuntimeError, match=P + r"weight \(10, 7\) does not match input \(6, 8\)"):
-        softmax_ce.linear_cross_entropy(x, w[:, :7], t)
+        lce(x, w[:, :7], t)
     with pytest.raises(RuntimeError, match=P + "weight must be"):
-        softmax_ce.linear_cross_entropy(x, w[0], t)
+        lce(x, w[0], t)
     with pytest.raises(RuntimeError, match=P + r"bias must have shape \(10,\)"):
-        softmax_ce.linear_cross_entropy(x, w, t, torch.zeros(11))
+        lce(x, w, t, torch.zeros(11))
     with pytest.raises(RuntimeError, match=P + "bias"):
-        softmax_ce.linear_cross_entropy(x, w, t, torch.zeros(1, 10))
+        lce(x, w, t, torch.zeros(1, 10))
     with pytest.raises(RuntimeError, match=P + "target must hold class indices"):
-        softmax_ce.linear_cross_entropy(x, w, t.float())
+        lce(x, w, t.float())
     with pytest.raises(RuntimeError, match=P + "target must hold class indices"):
-        softmax_ce.linear_cross_entropy(x, w, t.to(torch.int16))
+        lce(x, w, t.to(torch.int16))
     with pytest.raises(ValueError, match=P + r"Expected input batch_size \(6\) to match target "
                                             r"batch_size \(5\)"):
-        softmax_ce.linear_cross_entropy(x, w, t[:5])
+        lce(x, w, t[:5])
     with pytest.raises(ValueError, match=P + r"Expected input batch_size \(2\)"):
-        softmax_ce.linear_cross_entropy(x.reshape(2, 3, 8), w, t)
+        lce(x.reshape(2, 3, 8), w, t)
     with pytest.raises(RuntimeError, match=P + r"target of shape \(2, 2\)"):
-        softmax_ce.linear_cross_entropy(x.reshape(2, 3, 8), w, t[:4].reshape(2, 2))
+        lce(x.reshape(2, 3, 8), w, t[:4].reshape(2, 2))
     with pytest.raises(RuntimeError, match=P + "input"):
-        softmax_ce.linear_cross_entropy(x.long(), w, t)
+        lce(x.long(), w, t)
     with pytest.raises(ValueError, match=P + "shift=True"):
-        softmax_ce.linear_cross_entropy(x[0], w, t[0], shift=True)
+        lce(x[0], w, t[0], shift=True)
 
 
 @pytest.mark.parametrize("bad", [10, 11, -1, -101])
@@ -565,19 +585,19 @@ def test_target_out_of_range(bad):
     x, w, t = _good()
     t[2] = bad
     with pytest.raises(IndexError, match=P + r"target holds a class outside \[0, 10\)"):
-        softmax_ce.linear_cross_entropy(x, w, t)
+        lce(x, w, t)
 
 
 def test_dtype_mismatch_without_autocast():
     x, w, t = _good()
     with pytest.raises(RuntimeError,
                        match=P + r"input \(torch.float32\), weight \(torch.bfloat16\)"):
-        softmax_ce.linear_cross_entropy(x, w.bfloat16(), t)
+        lce(x, w.bfloat16(), t)
     with pytest.raises(RuntimeError, match=P + "input .* and bias must share a dtype"):
-        softmax_ce.linear_cross_entropy(x, w, t, torch.zeros(10, dtype=torch.float64))
+        lce(x, w, t, torch.zeros(10, dtype=torch.float64))
     # under autocast the same mix is fine: everything is cast to the autocast dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = softmax_ce.linear_cross_entropy(x, w.bfloat16(), t)
+        loss = lce(x, w.bfloat16(), t)
     assert loss.dtype == torch.float32
 
 
@@ -632,7 +652,7 @@ def test_no_n_by_v_tensor(name, reduction, monkeypatch):
     xs, ws, bs = (leaf(v, device) for v in (x, w, b))
     cw = torch.rand(V, generator=gen("nxv_cw")) + 0.5
     with RecordAllocations() as rec:
-        loss = softmax_ce.linear_cross_entropy(xs, ws, t, bs, reduction=reduction,
+        loss = lce(xs, ws, t, bs, reduction=reduction,
                                                label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
                                                class_weight=cw)
         loss.backward(torch.ones_like(loss))
@@ -652,23 +672,31 @@ def test_no_n_by_v_tensor(name, reduction, monkeypatch):
 # ----------------------------------------------------------------------------
 
 def test_module_equals_function(lpath2):
+    """The module owns its head (torch's nn.LinearCrossEntropyLoss layout): with the same
+    weights it gives the function's numbers, options included."""
     _, device = lpath2
     x, w, b, t = make_inputs(("module",), None, 16, 64, batch=(2, 10), bias=True, ignore_frac=0.2)
     cw = (torch.rand(64, generator=gen("module_cw")) + 0.5).to(device)
     opts = dict(ignore_index=-100, reduction="sum", label_smoothing=0.1, z_loss=1e-3,
-                softcap=5.0, shift=True, class_weight=cw)
-    mod = softmax_ce.LinearCrossEntropyLoss(**opts)
-    assert torch.equal(mod.class_weight, cw) and "class_weight" in dict(mod.named_buffers())
-    grads = []
-    for fn in (lambda *a: mod(*a),
-               lambda *a: softmax_ce.linear_cross_entropy(*a[:3], a[3], **opts)):
-        xs, ws, bs = (leaf(v, device) for v in (x, w, b))
-        loss = fn(xs, ws, t.to(device), bs)
-        loss.backward()
-        grads.append((loss.detach(), xs.grad, ws.grad, bs.grad))
-    for a, r in zip(*grads):
-        assert torch.equal(a, r)
-    # defaults: the plain mean
-    xs, ws = x.to(device), w.to(device)
-    assert torch.equal(softmax_ce.LinearCrossEntropyLoss()(xs, ws, t.to(device)),
-                       softmax_ce.linear_cross_entropy(xs, ws, t.to(device)))
+                softcap=5.0, shift=True)
+    mod = softmax_ce.LinearCrossEntropyLoss(16, 64, bias=True, weight=cw, **opts).to(device)
+    assert torch.equal(mod.weight, cw) and "weight" in dict(mod.named_buffers())
+    with torch.no_grad():
+        mod.linear.weight.copy_(w)
+        mod.linear.bias.copy_(b)
+    xs = leaf(x, device)
+    loss = mod(xs, t.to(device))
+    loss.backward()
+    xr, ws, bs = leaf(x, device), leaf(w, device), leaf(b, device)
+    ref = softmax_ce.linear_cross_entropy(xr, ws, t.to(device), linear_bias=bs, weight=cw, **opts)
+    ref.backward()
+    assert torch.equal(loss.detach(), ref.detach())
+    for ours, theirs in ((xs.grad, xr.grad), (mod.linear.weight.grad, ws.grad),
+                         (mod.linear.bias.grad, bs.grad)):
+        assert torch.equal(ours, theirs)
+    # defaults: the plain mean, no bias
+    plain = softmax_ce.LinearCrossEntropyLoss(16, 64).to(device)
+    assert plain.linear.bias is None
+    assert torch.equal(plain(x.to(device), t.to(device)),
+                       softmax_ce.linear_cross_entropy(x.to(device), plain.linear.weight,
+                                                       t.to(device)))

@@ -336,7 +336,7 @@ def naive_loss(model, ids, labels, **kw):
 
     return linear_cross_entropy(seen[0], head.weight, labels, shift=True,
                                 loss_dtype=torch.float32,
-                                **{sce_hf._BIAS_KEYWORD: head.bias})
+                                linear_bias=head.bias)
 
 
 # type -> what explain() must report; each one's naive (old) loss differs from stock

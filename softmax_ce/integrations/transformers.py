@@ -49,10 +49,6 @@ import torch
 
 from ..linear import linear_cross_entropy
 
-# the head's bias: `bias` (positional or keyword) in softmax_ce's first API, the
-# keyword-only `linear_bias` in torch's F.linear_cross_entropy signature
-_BIAS_KEYWORD = ("linear_bias" if "linear_bias" in inspect.signature(linear_cross_entropy).parameters
-                 else "bias")
 
 _ORIGINAL = "_softmax_ce_original_forward"
 _PLAN = "_softmax_ce_plan"
@@ -1368,7 +1364,7 @@ def _loss(model, tree, head, hidden, labels, call_kwargs, out):
         n_items, shift = None, False
         ignore_index, reduction = options["ignore_index"], options["reduction"]
     loss = linear_cross_entropy(hidden, head.weight, target.to(hidden.device),
-                                **{_BIAS_KEYWORD: bias}, ignore_index=ignore_index,
+                                linear_bias=bias, ignore_index=ignore_index,
                                 reduction=reduction, softcap=cap, shift=shift,
                                 loss_dtype=torch.float32)
     if n_items is not None:
