@@ -13,7 +13,9 @@ Two sections, each a declarative table of shapes and providers (below):
     fwd+bwd   a training step: forward, then torch.autograd.grad with a random scalar
               grad_output (the gradient the loss hands to the LM head)
 * "linear": the LM head matmul and the loss, x (N, D) @ W (V, D)^T.  Providers:
-  softmax_ce_linear (softmax_ce.linear_cross_entropy), torch_unfused
+  softmax_ce_linear (softmax_ce.linear_cross_entropy, impl="chunked"), softmax_ce_linear_fused
+  (impl="fused"), torch_chunked (torch's F.linear_cross_entropy with its chunked options, torch
+  2.13+), torch_unfused
   (F.cross_entropy(F.linear(x, W), t)), cce (cut_cross_entropy.linear_cross_entropy),
   liger_fused_linear (LigerFusedLinearCrossEntropyLoss) and matmul_floor: the three
   bf16 matmuls of an unfused step (logits = x W^T; dx = g W; dW = g^T x, g a random
@@ -193,8 +195,19 @@ class LinearProvider:
     floor: bool = False     # times the three matmuls directly, no autograd
 
 
-def _softmax_ce_linear():
-    return lambda x, w, t: softmax_ce.linear_cross_entropy(x, w, t)
+def _softmax_ce_linear(**options):
+    # "chunked" (the default): 6 N V D FLOPs a step, the three GEMMs on cuBLAS, a chunk of
+    # logits (1 GiB) in memory; "fused": 8 N V D (the backward recomputes the logits
+    # tile by tile), no logits at all
+    return lambda: (lambda x, w, t: softmax_ce.linear_cross_entropy(x, w, t, **options))
+
+
+def _torch_chunked():
+    # torch 2.13+: F.linear_cross_entropy's own chunked implementation, default options
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+    options = LinearCrossEntropyOptions()
+    return lambda x, w, t: F.linear_cross_entropy(x, w, t, options=options)
 
 
 def _torch_unfused():
@@ -216,8 +229,11 @@ def _liger_fused_linear():
 
 
 LINEAR_PROVIDERS = {p.name: p for p in (
-    LinearProvider("softmax_ce_linear", _softmax_ce_linear),
+    LinearProvider("softmax_ce_linear", _softmax_ce_linear()),
+    LinearProvider("softmax_ce_linear_fused", _softmax_ce_linear(impl="fused")),
     LinearProvider("torch_unfused", _torch_unfused),
+    LinearProvider("torch_chunked", _torch_chunked,
+                   requires="torch.nn.modules.linear_cross_entropy_options"),
     LinearProvider("cce", _cce, requires="cut_cross_entropy", cuda_only=True),
     LinearProvider("liger_fused_linear", _liger_fused_linear,
                    requires="liger_kernel.transformers", cuda_only=True),

@@ -7,9 +7,12 @@ Providers, each measured in a fresh subprocess (TRITON_INTERPRET must be in the
 environment before triton is imported, and one provider's high-water mark must not
 hide another's):
 
-    softmax_ce interpreter   TRITON_INTERPRET=1: the Triton kernels through Triton's interpreter
-    softmax_ce cpu           TRITON_INTERPRET=0: the chunked PyTorch path
+    softmax_ce interpreter   TRITON_INTERPRET=1: impl="fused", the Triton LCE kernels through
+                             Triton's interpreter (the chunked impl's cross-entropy kernel,
+                             interpreted over V = 131072, would take tens of minutes here)
+    softmax_ce cpu           TRITON_INTERPRET=0: impl="chunked" (the default), the PyTorch path
     torch unfused            F.linear + F.cross_entropy, for comparison (no limit)
+    torch chunked            torch's F.linear_cross_entropy(options=LinearCrossEntropyOptions())
 
 Method, in the subprocess: allocate x (N, D) and W (V, D) (fp32, requires_grad), the
 targets, and the gradients up front (`p.grad = zeros_like(p)`, so the backward
@@ -58,6 +61,8 @@ PROVIDERS = {
     "softmax_ce interpreter": ("1", True),
     "softmax_ce cpu": ("0", True),
     "torch unfused": ("0", False),
+    # torch 2.13+: its own chunked linear cross-entropy, with its default options
+    "torch chunked": ("0", False),
 }
 
 
@@ -79,7 +84,12 @@ def loss_fn(provider):
     import torch.nn.functional as F
     if provider == "torch unfused":
         return lambda x, w, t: F.cross_entropy(F.linear(x, w), t)
+    if provider == "torch chunked":
+        from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+        return lambda x, w, t: F.linear_cross_entropy(x, w, t, options=LinearCrossEntropyOptions())
     import softmax_ce
+    if provider == "softmax_ce interpreter":
+        return lambda x, w, t: softmax_ce.linear_cross_entropy(x, w, t, impl="fused")
     return softmax_ce.linear_cross_entropy
 
 
@@ -98,7 +108,7 @@ def child(args):
     fn = loss_fn(args.child)
     x, w, t = make_inputs(args.rows, args.vocab, args.hidden)
     path = "triton" if uses_triton(x) else "pytorch"
-    if args.child != "torch unfused":
+    if args.child.startswith("softmax_ce"):
         expect = "triton" if PROVIDERS[args.child][0] == "1" else "pytorch"
         assert path == expect, f"{args.child} would take the {path} path"
     for p in (x, w):
