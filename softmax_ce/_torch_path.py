@@ -16,16 +16,25 @@ plus the lse's own gradient), alpha, beta, zeta (see _rows).
 import torch
 from torch import Tensor
 
-# Rows per chunk: about 4M logits, so its few fp32 temporaries (upcast chunk, exp,
-# gradient) stay near 50 MB.
+# Logits per chunk: about 4M, so that a chunk (16 MB in fp32) stays in the last-level
+# cache from one op to the next and its fp32 temporaries (one log_softmax, or an upcast
+# chunk, exp and gradient on the general path) stay near 16-50 MB.  A tensor of up to
+# SMALL_ELEMENTS goes in one chunk: there the op count matters more than the cache, as
+# every op ends in a barrier of the thread pool, which a core taken by another process
+# makes slow (perf/cpu_contention.py).
 CHUNK_ELEMENTS = 1 << 22
+SMALL_ELEMENTS = 1 << 24
 
 
 def row_dtype(t: Tensor) -> torch.dtype:
     """The dtype of the per-row vectors: float64 for float64 inputs, else fp32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
+
 def _chunks(n_rows: int, n_cols: int):
+    if n_rows * n_cols <= max(SMALL_ELEMENTS, CHUNK_ELEMENTS):
+        yield slice(0, n_rows)
+        return
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
     for r0 in range(0, n_rows, step):
         yield slice(r0, min(n_rows, r0 + step))
@@ -109,10 +118,53 @@ def _ce_forward_in_place(z, target, weight, alpha, beta, zeta, loss, row_max, lo
     z.masked_fill_(~active[:, None], 0.0)
 
 
+def _ce_forward_stats(z, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse):
+    """ce_forward without a gradient, for class-index targets, no softcap, logits already
+    in the compute dtype: one fused log_softmax per chunk (and two row maxima) instead of
+    the general path's five whole-chunk ops.  log d comes from log_softmax's own maximum,
+    -max_c logp_c = log sum exp(z - m), which keeps its precision for rows near +-1e4
+    (lse - m would not)."""
+    n_cols = z.shape[1]
+    logp = torch.log_softmax(z, dim=1)
+    m = z.amax(dim=1)
+    dead = m == float("-inf")  # every logit -inf: lse -inf, as the kernels say
+    rmax = torch.where(dead, 0.0, m)
+    ld = torch.where(dead, float("-inf"), -logp.amax(dim=1))
+    in_range = (target >= 0) & (target < n_cols)
+    cols = torch.where(in_range, target, 0).long()[:, None]
+    logp_t = logp.gather(1, cols)[:, 0]
+    target_term = torch.where(in_range, -logp_t, ld)  # a target elsewhere: kept finite
+    target_term = torch.where(dead, float("nan"), target_term)
+    lse = rmax + ld
+    loss_c = torch.where(alpha != 0, alpha * target_term, 0.0)
+    dlse_c = alpha.clone()
+    if beta is not None:
+        W = weight.sum() if weight is not None else float(n_cols)
+        smooth = -(torch.mv(logp, weight) if weight is not None else logp.sum(dim=1))
+        loss_c += torch.where(beta != 0, beta * smooth, 0.0)
+        dlse_c += beta * W
+    if zeta is not None:
+        loss_c += torch.where(zeta != 0, zeta * lse * lse, 0.0)
+        dlse_c += 2.0 * zeta * lse
+    loss.copy_(loss_c)
+    row_max.copy_(rmax)
+    log_d.copy_(ld)
+    dlse.copy_(dlse_c)
+
+
 def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse, grad,
                prob_target, softcap, stats=None):
     n_rows, n_cols = logits.shape
     cdt = row_dtype(logits)
+    if (grad is None and stats is None and softcap is None and not prob_target
+            and logits.dtype == cdt):
+        w = weight.to(cdt) if weight is not None else None
+        for rows in _chunks(n_rows, n_cols):
+            _ce_forward_stats(logits[rows], target[rows], w, alpha[rows].to(cdt),
+                              beta[rows].to(cdt) if beta is not None else None,
+                              zeta[rows].to(cdt) if zeta is not None else None,
+                              loss[rows], row_max[rows], log_d[rows], dlse[rows])
+        return
     if (grad is not None and grad.data_ptr() == logits.data_ptr() and logits.dtype == cdt
             and logits.is_contiguous() and grad.is_contiguous() and softcap is None
             and not prob_target and stats is None):
@@ -172,10 +224,44 @@ def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, 
             del g  # so the next chunk's temporaries can take its place
 
 
+def _ce_backward_into(z, target, weight, row_max, log_d, dlse, alpha, beta, g):
+    """ce_backward for class-index targets, no softcap, logits already in the compute
+    dtype: the gradient is formed in the output itself, with no temporary and no copy,
+    in three passes over it (sub into g; sub_, exp_ in place) when every row's dlse is
+    positive (the coefficient goes into the exponent: s * dlse = exp(z - m - (log d -
+    log dlse))), four otherwise.  Few, whole-tensor ops matter on a CPU more than bytes:
+    every op ends in a barrier of the thread pool, and on a machine where another
+    process holds a core each barrier waits for the descheduled thread (the general
+    path's nine ops per chunk of 4M logits ran at 0.8x torch's speed there)."""
+    positive = bool((dlse > 0).all())  # a host read: free on CPU
+    if positive:
+        torch.sub(z, row_max[:, None], out=g)
+        g.sub_((log_d - dlse.log())[:, None]).exp_()
+    else:
+        torch.sub(z, row_max[:, None], out=g)
+        g.sub_(log_d[:, None]).exp_().mul_(dlse[:, None])
+    in_range = (target >= 0) & (target < z.shape[1])
+    cols = torch.where(in_range, target, 0).long()[:, None]
+    g.scatter_add_(1, cols, -torch.where(in_range, alpha, 0.0)[:, None].to(g.dtype))
+    if beta is not None:
+        g.sub_(beta[:, None] * (weight if weight is not None else 1.0))
+    active = (dlse != 0) | (alpha != 0)
+    if beta is not None:
+        active |= beta != 0
+    if not bool(active.all()):
+        # an ignored row's gradient is 0, even where its logits were nan
+        g.masked_fill_(~active[:, None], 0.0)
+
+
 def ce_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta, grad, prob_target, softcap):
     n_rows, n_cols = logits.shape
     cdt = row_dtype(logits)
     w = weight.to(cdt) if weight is not None else None
+    # (g may be the logits themselves: every op below is elementwise, so in place is safe)
+    if not prob_target and softcap is None and logits.dtype == cdt and grad.dtype == cdt:
+        _ce_backward_into(logits, target, w, row_max.to(cdt), log_d.to(cdt), dlse.to(cdt),
+                          alpha.to(cdt), beta.to(cdt) if beta is not None else None, grad)
+        return
     for rows in _chunks(n_rows, n_cols):
         z, slope = _softcapped(logits[rows].to(cdt), softcap)
         g = _grad_chunk(z, slope, target[rows], w, row_max[rows].to(cdt), log_d[rows].to(cdt),

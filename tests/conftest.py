@@ -91,6 +91,7 @@ def make_path(name: str, monkeypatch) -> Path:
     monkeypatch.setattr(_launch, "FORCED_BACKEND", "torch")
     if name == "torch_chunked":
         monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", TINY_CHUNK)
+        monkeypatch.setattr(_torch_path, "SMALL_ELEMENTS", TINY_CHUNK)
     return Path(name, "cpu", False)
 
 

@@ -66,6 +66,7 @@ def use_path(name, monkeypatch):
     monkeypatch.setattr(_launch, "FORCED_BACKEND", "torch")
     if name == "torch_chunked":
         monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", CHUNK_SMALL)
+        monkeypatch.setattr(_torch_path, "SMALL_ELEMENTS", CHUNK_SMALL)
     return "cpu"
 
 
@@ -648,6 +649,7 @@ def test_no_n_by_v_tensor(name, reduction, monkeypatch):
     if device != "cpu":
         pytest.skip("CPU: the dispatch mode wraps the CPU launchers")
     monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(_torch_path, "SMALL_ELEMENTS", chunk)
     x, w, b, t = make_inputs(("nxv", name, reduction), N, D, V, bias=True, ignore_frac=0.1)
     xs, ws, bs = (leaf(v, device) for v in (x, w, b))
     cw = torch.rand(V, generator=gen("nxv_cw")) + 0.5
