@@ -5,7 +5,7 @@ the kernels are not interpreted and for float64 anywhere (the fp32-accumulating 
 would not honour it).  It walks the rows in chunks of at most CHUNK_ELEMENTS logits, so
 its temporaries stay a fixed size however large the logits are; the linear
 cross-entropy computes each chunk's logits x_c @ W^T and reuses the same chunk math,
-so no N x V tensor exists.  Imports nothing of the package but its per-row math.
+so no N x V tensor exists.  Imports nothing of the package but its per-row math (_rows).
 
 Row vectors: row_max (m, 0 for an all -inf row), log_d (lse = row_max + log_d, kept
 apart for precision), dlse (d loss / d lse; in a backward, scaled by grad_output and
@@ -15,6 +15,8 @@ plus the lse's own gradient), alpha, beta, zeta (see _rows).
 
 import torch
 from torch import Tensor
+
+from ._rows import compose_rows
 
 # Logits per chunk: about 4M, so that a chunk (16 MB in fp32) stays in the last-level
 # cache from one op to the next and its fp32 temporaries (one log_softmax, or an upcast
@@ -95,15 +97,10 @@ def _ce_forward_in_place(z, target, weight, alpha, beta, zeta, loss, row_max, lo
     ld = z.sum(dim=1).log_()
     lse = rmax + ld
     target_term = (rmax - z_t) + ld
-    loss_c = torch.where(alpha != 0, alpha * target_term, 0.0)
-    dlse_c = alpha.clone()
-    if beta is not None:
-        smooth = W * ld - wz  # sum_c w_c (lse - z_c) = W log d - sum_c w_c (z_c - m)
-        loss_c += torch.where(beta != 0, beta * smooth, 0.0)
-        dlse_c += beta * W
-    if zeta is not None:
-        loss_c += torch.where(zeta != 0, zeta * lse * lse, 0.0)
-        dlse_c += 2.0 * zeta * lse
+    # sum_c w_c (lse - z_c) = W log d - sum_c w_c (z_c - m)
+    smooth = W * ld - wz if beta is not None else None
+    loss_c, dlse_c = compose_rows(lse, target_term, smooth, alpha, beta, zeta,
+                                  W if beta is not None else None)
     loss.copy_(loss_c)
     row_max.copy_(rmax)
     log_d.copy_(ld)
@@ -136,16 +133,11 @@ def _ce_forward_stats(z, target, weight, alpha, beta, zeta, loss, row_max, log_d
     target_term = torch.where(in_range, -logp_t, ld)  # a target elsewhere: kept finite
     target_term = torch.where(dead, float("nan"), target_term)
     lse = rmax + ld
-    loss_c = torch.where(alpha != 0, alpha * target_term, 0.0)
-    dlse_c = alpha.clone()
+    W = smooth = None
     if beta is not None:
         W = weight.sum() if weight is not None else float(n_cols)
         smooth = -(torch.mv(logp, weight) if weight is not None else logp.sum(dim=1))
-        loss_c += torch.where(beta != 0, beta * smooth, 0.0)
-        dlse_c += beta * W
-    if zeta is not None:
-        loss_c += torch.where(zeta != 0, zeta * lse * lse, 0.0)
-        dlse_c += 2.0 * zeta * lse
+    loss_c, dlse_c = compose_rows(lse, target_term, smooth, alpha, beta, zeta, W)
     loss.copy_(loss_c)
     row_max.copy_(rmax)
     log_d.copy_(ld)
