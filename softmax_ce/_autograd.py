@@ -94,6 +94,24 @@ def _probability_target_grad(ctx, grad_loss):
     g = (grad_loss.to(row_max.dtype) * alpha)[:, None] * ((row_max[:, None] - z) + log_d[:, None])
     return g * weight if weight is not None else g
 
+def linear_recompute_grads(params, x, weight, bias, target, class_weight, row_max, log_d, dlse,
+                           alpha, beta, grad_loss, grad_lse, need_dx, need_dw, need_db):
+    """The linear cross-entropy's recomputing backward: (dx, dw, db) from the forward's row
+    statistics and coefficients scaled by grad_output (plus the lse's own gradient), by
+    params.impl.  Shared by LinearCrossEntropyFunction and the vocabulary-parallel one."""
+    g = grad_loss.to(dlse.dtype)
+    if g.dim() == 0:
+        g = g.expand(dlse.shape)
+    dlse = g * dlse
+    if grad_lse is not None:
+        dlse = dlse + grad_lse.to(dlse.dtype)
+    args = (x, weight, bias, target, class_weight, row_max, log_d, dlse, g * alpha,
+            g * beta if beta is not None else None, params.softcap, need_dx, need_dw, need_db)
+    if params.impl == "fused":
+        return _ops.lce_bwd(*args, params.filter_eps)
+    return _ops.lce_chunked_bwd(*args, params.chunk_rows, params.accum_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearParams:
     """How LinearCrossEntropyFunction runs (everything but tensors).
@@ -177,18 +195,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         x, weight, bias, target, class_weight, row_max, log_d, dlse, alpha, beta = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
-        g = grad_loss.to(dlse.dtype)
-        if g.dim() == 0:
-            g = g.expand(dlse.shape)
-        dlse = g * dlse
-        if grad_lse is not None:
-            dlse = dlse + grad_lse.to(dlse.dtype)
-        args = (x, weight, bias, target, class_weight, row_max, log_d, dlse, g * alpha,
-                g * beta if beta is not None else None, p.softcap, need_dx, need_dw, need_db)
-        if p.impl == "fused":
-            dx, dw, db = _ops.lce_bwd(*args, p.filter_eps)
-        else:
-            dx, dw, db = _ops.lce_chunked_bwd(*args, p.chunk_rows, p.accum_dtype)
+        dx, dw, db = linear_recompute_grads(p, x, weight, bias, target, class_weight, row_max,
+                                            log_d, dlse, alpha, beta, grad_loss, grad_lse,
+                                            need_dx, need_dw, need_db)
         return (dx.to(x_dtype) if need_dx else None,
                 dw.to(w_dtype) if need_dw else None,
                 db.to(b_dtype) if need_db else None,

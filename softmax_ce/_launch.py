@@ -148,16 +148,30 @@ def linear_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
 # Memory: one chunk of logits (chunk_rows x V in the input's dtype) plus the
 # accumulators dW (V x D in accum_dtype) and db.
 
-def linear_chunk_rows(n_rows: int, n_vocab: int, elem_bytes: int, chunk_bytes: int) -> int:
-    """Rows per chunk: as many as fit `chunk_bytes` of logits (at least 1, at most all)."""
-    return max(1, min(n_rows, chunk_bytes // max(1, n_vocab * elem_bytes)))
+def _logit_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], chunk_rows: int):
+    """(rows, logits of those rows) for each chunk, computed by the matmul library into one
+    buffer reused from chunk to chunk (the chunk's logits are valid until the next one)."""
+    n_rows = x.shape[0]
+    if n_rows == 0:
+        return
+    buf = x.new_empty(min(chunk_rows, n_rows), w.shape[0])
+    for r0 in range(0, n_rows, chunk_rows):
+        rows = slice(r0, min(n_rows, r0 + chunk_rows))
+        z = buf[:rows.stop - r0]
+        torch.matmul(x[rows], w.t(), out=z)
+        if b is not None:
+            z += b
+        yield rows, z
 
 
-def _chunk_logits(x_c: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
-    torch.matmul(x_c, w.t(), out=out)
-    if b is not None:
-        out += b
-    return out
+def _grad_buffers(x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool,
+                  accum_dtype: torch.dtype):
+    """dx (x's dtype, every row written), dw and db (accum_dtype, zeroed); empty if unneeded."""
+    n_vocab, dim = w.shape
+    empty = w.new_empty(0, dtype=accum_dtype)
+    return (x.new_empty(x.shape[0], dim) if need_dx else x.new_empty(0),
+            w.new_zeros(n_vocab, dim, dtype=accum_dtype) if need_dw else empty,
+            w.new_zeros(n_vocab, dtype=accum_dtype) if need_db else empty.clone())
 
 
 def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -180,20 +194,11 @@ def linear_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
     """Forward of the chunked linear cross-entropy, with the gradients for grad_output = 1
     when any is asked for -> (loss, row_max, log_d, dlse, dx, dw, db); dx in x's dtype, dw
     and db in accum_dtype, each empty when not needed."""
-    n_rows, dim = x.shape
-    n_vocab = w.shape[0]
     rows_dtype = _torch_path.row_dtype(x)
-    loss, row_max, log_d, dlse = (x.new_empty(n_rows, dtype=rows_dtype) for _ in range(4))
+    loss, row_max, log_d, dlse = (x.new_empty(x.shape[0], dtype=rows_dtype) for _ in range(4))
     with_grad = need_dx or need_dw or need_db
-    dx = x.new_empty(n_rows, dim) if need_dx else x.new_empty(0)
-    dw = w.new_zeros(n_vocab, dim, dtype=accum_dtype) if need_dw else w.new_empty(0, dtype=accum_dtype)
-    db = w.new_zeros(n_vocab, dtype=accum_dtype) if need_db else w.new_empty(0, dtype=accum_dtype)
-    if n_rows == 0:
-        return loss, row_max, log_d, dlse, dx, dw, db
-    buf = x.new_empty(min(chunk_rows, n_rows), n_vocab)
-    for r0 in range(0, n_rows, chunk_rows):
-        rows = slice(r0, min(n_rows, r0 + chunk_rows))
-        z = _chunk_logits(x[rows], w, b, buf[:rows.stop - r0])
+    dx, dw, db = _grad_buffers(x, w, need_dx, need_dw, need_db, accum_dtype)
+    for rows, z in _logit_chunks(x, w, b, chunk_rows):
         forward_into(z, target[rows], class_weight, alpha[rows],
                      beta[rows] if beta is not None else None,
                      zeta[rows] if zeta is not None else None,
@@ -219,17 +224,13 @@ def linear_chunked_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tens
                          softcap: Optional[float], chunk_rows: int):
     """linear_stats, chunked on the matmul library: (row_max, log_d, lse - z'_t,
     sum_c w_c (lse - z'_c) or None), for a caller that combines slices itself."""
-    n_rows, n_vocab = x.shape[0], w.shape[0]
+    n_rows = x.shape[0]
     rows_dtype = _torch_path.row_dtype(x)
     row_max, log_d, unused_loss, unused_dlse = (x.new_empty(n_rows, dtype=rows_dtype)
                                                 for _ in range(4))
     stats = x.new_zeros(n_rows, 3, dtype=rows_dtype)
     ones = x.new_ones(n_rows, dtype=rows_dtype)
-    if n_rows:
-        buf = x.new_empty(min(chunk_rows, n_rows), n_vocab)
-    for r0 in range(0, n_rows, chunk_rows):
-        rows = slice(r0, min(n_rows, r0 + chunk_rows))
-        z = _chunk_logits(x[rows], w, b, buf[:rows.stop - r0])
+    for rows, z in _logit_chunks(x, w, b, chunk_rows):
         forward_into(z, target[rows], class_weight, ones[rows], ones[rows] if need_smooth else None,
                      None, unused_loss[rows], row_max[rows], log_d[rows], unused_dlse[rows], None,
                      False, softcap, stats[rows])
@@ -244,16 +245,8 @@ def linear_chunked_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: T
                             need_db: bool, chunk_rows: int, accum_dtype: torch.dtype):
     """The gradients recomputed chunk by chunk from the saved row statistics (dlse, alpha,
     beta already hold grad_output) -> (dx in x's dtype, dw and db in accum_dtype)."""
-    n_rows, dim = x.shape
-    n_vocab = w.shape[0]
-    dx = x.new_empty(n_rows, dim) if need_dx else x.new_empty(0)
-    dw = w.new_zeros(n_vocab, dim, dtype=accum_dtype) if need_dw else w.new_empty(0, dtype=accum_dtype)
-    db = w.new_zeros(n_vocab, dtype=accum_dtype) if need_db else w.new_empty(0, dtype=accum_dtype)
-    if n_rows:
-        buf = x.new_empty(min(chunk_rows, n_rows), n_vocab)
-    for r0 in range(0, n_rows, chunk_rows):
-        rows = slice(r0, min(n_rows, r0 + chunk_rows))
-        z = _chunk_logits(x[rows], w, b, buf[:rows.stop - r0])
+    dx, dw, db = _grad_buffers(x, w, need_dx, need_dw, need_db, accum_dtype)
+    for rows, z in _logit_chunks(x, w, b, chunk_rows):
         backward_into(z, target[rows], class_weight, row_max[rows], log_d[rows], dlse[rows],
                       alpha[rows], beta[rows] if beta is not None else None, z, False, softcap)
         _chunk_grads(z, x[rows], w, dx[rows] if need_dx else None,

@@ -64,17 +64,31 @@ def _grad_chunk(z, slope, target, weight, row_max, log_d, dlse, alpha, beta, pro
             y = y * weight
         g.sub_(y)
     else:
-        in_range = (target >= 0) & (target < z.shape[1])
-        cols = torch.where(in_range, target, 0).long()[:, None]
-        g.scatter_add_(1, cols, -torch.where(in_range, alpha, 0.0)[:, None].to(g.dtype))
+        _sub_onehot(g, target, alpha)
     if beta is not None:
         g.sub_(beta[:, None] * (weight if weight is not None else 1.0))
     if slope is not None:
         g.mul_(slope)
+    return _zero_ignored(g, dlse, alpha, beta)
+
+
+def _sub_onehot(g, target, alpha):
+    """g[i, target_i] -= alpha_i for class-index targets (none for one outside [0, C))."""
+    in_range = (target >= 0) & (target < g.shape[1])
+    cols = torch.where(in_range, target, 0).long()[:, None]
+    g.scatter_add_(1, cols, -torch.where(in_range, alpha, 0.0)[:, None].to(g.dtype))
+
+
+def _zero_ignored(g, dlse, alpha, beta):
+    """A row whose coefficients are all 0 (ignored, or grad_output 0) has a zero gradient,
+    even where its logits were nan; the pass is skipped when every row is live (a host
+    read, free on a CPU)."""
     active = (dlse != 0) | (alpha != 0)
     if beta is not None:
         active |= beta != 0
-    return g.masked_fill_(~active[:, None], 0.0)
+    if not bool(active.all()):
+        g.masked_fill_(~active[:, None], 0.0)
+    return g
 
 def _ce_forward_in_place(z, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse):
     """ce_forward when the gradient goes over the logits themselves, already in the
@@ -106,13 +120,10 @@ def _ce_forward_in_place(z, target, weight, alpha, beta, zeta, loss, row_max, lo
     log_d.copy_(ld)
     dlse.copy_(dlse_c)
     z.mul_((dlse_c * torch.exp(-ld))[:, None])  # s * dlse = e / d * dlse
-    z.scatter_add_(1, cols, -torch.where(in_range, alpha, 0.0)[:, None].to(z.dtype))
+    _sub_onehot(z, target, alpha)
     if beta is not None:
         z.sub_(beta[:, None] * (weight if weight is not None else 1.0))
-    active = (dlse_c != 0) | (alpha != 0)
-    if beta is not None:
-        active |= beta != 0
-    z.masked_fill_(~active[:, None], 0.0)
+    _zero_ignored(z, dlse_c, alpha, beta)
 
 
 def _ce_forward_stats(z, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse):
@@ -225,24 +236,15 @@ def _ce_backward_into(z, target, weight, row_max, log_d, dlse, alpha, beta, g):
     every op ends in a barrier of the thread pool, and on a machine where another
     process holds a core each barrier waits for the descheduled thread (the general
     path's nine ops per chunk of 4M logits ran at 0.8x torch's speed there)."""
-    positive = bool((dlse > 0).all())  # a host read: free on CPU
-    if positive:
-        torch.sub(z, row_max[:, None], out=g)
+    torch.sub(z, row_max[:, None], out=g)
+    if bool((dlse > 0).all()):  # a host read: free on CPU
         g.sub_((log_d - dlse.log())[:, None]).exp_()
     else:
-        torch.sub(z, row_max[:, None], out=g)
         g.sub_(log_d[:, None]).exp_().mul_(dlse[:, None])
-    in_range = (target >= 0) & (target < z.shape[1])
-    cols = torch.where(in_range, target, 0).long()[:, None]
-    g.scatter_add_(1, cols, -torch.where(in_range, alpha, 0.0)[:, None].to(g.dtype))
+    _sub_onehot(g, target, alpha)
     if beta is not None:
         g.sub_(beta[:, None] * (weight if weight is not None else 1.0))
-    active = (dlse != 0) | (alpha != 0)
-    if beta is not None:
-        active |= beta != 0
-    if not bool(active.all()):
-        # an ignored row's gradient is 0, even where its logits were nan
-        g.masked_fill_(~active[:, None], 0.0)
+    _zero_ignored(g, dlse, alpha, beta)
 
 
 def ce_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta, grad, prob_target, softcap):

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _ops
-from ._autograd import recompute_grad
+from ._autograd import linear_recompute_grads, recompute_grad
 from ._rows import check_target_range, coefficients, compose_rows, fail
 
 # columns of the gathered per-row statistics
@@ -348,18 +348,10 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
         x, weight, bias, local_t, cw, row_max, log_d, dlse, alpha, beta = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
-        p = ctx.params
-        g = grad_loss.to(dlse.dtype)
-        dlse = g * dlse
-        if grad_lse is not None:
-            dlse = dlse + grad_lse.to(dlse.dtype)
         if weight.shape[0] > 0:
-            args = (x, weight, bias, local_t, cw, row_max, log_d, dlse, g * alpha,
-                    g * beta if beta is not None else None, p.softcap, need_dx, need_dw, need_db)
-            if p.impl == "fused":
-                dx, dw, db = _ops.lce_bwd(*args, p.filter_eps)
-            else:
-                dx, dw, db = _ops.lce_chunked_bwd(*args, p.chunk_rows, p.accum_dtype)
+            dx, dw, db = linear_recompute_grads(ctx.params, x, weight, bias, local_t, cw, row_max,
+                                                log_d, dlse, alpha, beta, grad_loss, grad_lse,
+                                                need_dx, need_dw, need_db)
         else:
             dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
             dw = torch.zeros(weight.shape, dtype=dlse.dtype, device=x.device)
