@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn import _reduction
 
 from . import _rows as R
 from . import distributed
@@ -18,14 +19,17 @@ from ._rows import GRAD_MODES
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
-                  ignore_index: int = -100, reduction: str = "mean",
+                  size_average: Optional[bool] = None, ignore_index: int = -100,
+                  reduce: Optional[bool] = None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                   softcap: Optional[float] = None, inplace_backward: bool = False,
                   grad_mode: str = "recompute", return_lse: bool = False,
                   process_group=None):
     """Softmax cross-entropy, a drop-in for `torch.nn.functional.cross_entropy`.
 
-    Same arguments, shapes, dtypes, reductions and errors as torch, plus:
+    Same arguments (in torch's positional order), shapes, dtypes, reductions and errors
+    as torch; the deprecated size_average / reduce, when either is given, set reduction
+    as in torch, with torch's deprecation warning.  Plus, keyword-only:
 
     z_loss: adds ``z_loss * lse**2`` per token (PaLM's auxiliary loss), weighted and
         reduced like the target term (ignored tokens add nothing).
@@ -62,6 +66,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     Float64 inputs go through a PyTorch path that computes in float64 (for gradcheck);
     everything else accumulates in fp32 and returns the input's dtype, as torch does.
     """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
     R.check_options(reduction, label_smoothing, z_loss, softcap, grad_mode)
     input, target, process_group = _unwrap_dtensor(input, target, process_group)
     if process_group is not None:

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import _reduction
 
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
@@ -49,16 +50,22 @@ class _LossOptions(nn.Module):
 
 
 class CrossEntropyLoss(_LossOptions):
-    """Drop-in for `torch.nn.CrossEntropyLoss`, with the extra options of `cross_entropy`.
+    """Drop-in for `torch.nn.CrossEntropyLoss` (torch's positional order, deprecated
+    size_average / reduce mapped to reduction with torch's warning), with the extra
+    options of `cross_entropy` as keywords.
 
     >>> loss_fn = CrossEntropyLoss(ignore_index=-100, z_loss=1e-4)
     >>> loss = loss_fn(logits.view(-1, vocab), labels.view(-1))
     """
 
-    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
-                 reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 z_loss: float = 0.0, softcap: Optional[float] = None,
-                 inplace_backward: bool = False, grad_mode: str = "recompute"):
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None,
+                 ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, inplace_backward: bool = False,
+                 grad_mode: str = "recompute"):
+        if size_average is not None or reduce is not None:
+            # torch's deprecated arguments: mapped, with torch's own warning
+            reduction = _reduction.legacy_get_string(size_average, reduce)
         super().__init__("weight", weight, ignore_index, reduction, label_smoothing, z_loss,
                          softcap)
         self.inplace_backward = inplace_backward
