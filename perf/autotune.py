@@ -56,7 +56,6 @@ From Python, ``main([...])`` returns a dict: csv, table, device_key, rows, winne
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -80,13 +79,10 @@ from softmax_ce.kernels import tuning  # noqa: E402
 from softmax_ce.testing import mismatch  # noqa: E402
 
 
-# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
-# registered before it runs, since dataclasses look their module up in sys.modules
-_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules[_spec.name])
-C = sys.modules[_spec.name]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+sys.path.pop(0)
+from tqdm import tqdm  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # What is swept
@@ -111,14 +107,16 @@ DRY = dict(vocab=(100,), dtypes=("fp32",), cuda_dtypes=("bf16",), rows=4, lce_ro
 DEFAULT_FLAGS = dict(PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_ZLOSS=False,
                      HAS_SOFTCAP=False, WRITE_GRAD=False, WRITE_STATS=False, HAS_BIAS=False,
                      HAS_CLASS_WEIGHT=False, COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=False,
-                     UPCAST_DOT=False, ONE_TILE=False, HAS_FILTER=False)  # the GPU path never upcasts; the dry run is fp32
+                     UPCAST_DOT=False, ONE_TILE=False, HAS_FILTER=False, WRITE_TOKEN_STATS=False,
+                     TEACHER=False, TEACHER_KL=False, HAS_ENT_GRAD=False)  # the GPU path never upcasts; the dry run is fp32
 TUNED_FOR = ("class-index targets; no class weight, label smoothing, z-loss, softcap or bias; "
              "reduction mean. Other flag combinations and the fused/in-place launches use the "
              "same entry (the table is keyed by kernel, dtype and vocabulary size only).")
 
 # Pointer parameters that the common case never reads: the launcher passes another
 # fp32 row vector in their place, and so do we.
-PLACEHOLDERS = {"weight_ptr", "beta_ptr", "zeta_ptr", "stats_ptr", "bias_ptr", "cw_ptr"}
+PLACEHOLDERS = {"weight_ptr", "beta_ptr", "zeta_ptr", "stats_ptr", "bias_ptr", "cw_ptr",
+                "entropy_ptr", "argmax_ptr", "teacher_ptr", "ent_ptr"}
 
 
 @dataclass(frozen=True)
@@ -333,7 +331,7 @@ class CEProblem:
                 logits_ptr=x, target_ptr=self.target, n_cols=self.v,
                 stride_logits_row=x.stride(0), stride_logits_col=x.stride(1),
                 stride_target_row=self.target.stride(0), stride_target_col=0,
-                stride_grad_row=gs[0], stride_grad_col=gs[1], softcap=1.0,
+                stride_grad_row=gs[0], stride_grad_col=gs[1], softcap=1.0, inv_temp=1.0,
                 # without WRITE_GRAD the launcher passes the logits as the grad pointer
                 grad_ptr=out_grad if write_grad else x)
             if kernel == "ce_fwd":
@@ -427,7 +425,7 @@ class LCEProblem:
         values = dict(x_ptr=x, w_ptr=w, target_ptr=self.target, n_rows=self.n, n_vocab=self.v,
                       dim=self.d, stride_x_row=x.stride(0), stride_x_col=x.stride(1),
                       stride_w_row=w.stride(0), stride_w_col=w.stride(1),
-                      stride_target=self.target.stride(0), softcap=1.0)
+                      stride_target=self.target.stride(0), softcap=1.0, inv_temp=1.0)
         flags = dict(variant.flags, DOT_PRECISION=self.dot)
         if kernel == "lce_fwd":
             values.update(row_max_ptr=self.m, sum_exp_ptr=self.dsum, zt_ptr=self.zt, swz_ptr=self.swz,
@@ -485,7 +483,6 @@ class Sweep:
                          else "cpu-interpreter")
         self.key = tuning.device_key(self.dev_name)
         self.prov = dict(gpu=self.dev_name, git_sha=C.git_sha(), **C.versions())
-        self.flush = C.L2Flush(self.device) if self.cuda else None
         self.t0 = time.monotonic()
         self.rows, self.winners, self.skipped = [], {}, []
 
@@ -495,8 +492,7 @@ class Sweep:
 
     def time_ms(self, launch, setup):
         if self.cuda:
-            return C.cuda_median_ms(launch, setup=setup, flush=self.flush, warmup=2,
-                                    rep_ms=self.args.rep_ms)
+            return C.cuda_median_ms(launch, setup or (lambda: None), rep_ms=self.args.rep_ms)
         return C.cpu_median_ms(launch, setup=setup, warmup=0, reps=self.args.cpu_reps)
 
     def trial(self, problem, kernel, variant, cfg, base):
@@ -563,7 +559,8 @@ class Sweep:
         variants = {k: [vt for vt in KERNELS[k].variants if vt.primary or a.variants == "all"]
                     for k in a.kernels}
         total = sum(len(configs[(k, dt)]) * len(variants[k]) for k, dt, _ in groups)
-        bar = C.Progress(total, "autotune", disable=a.no_progress)
+        bar = tqdm(total=total, desc="autotune", unit="config", file=sys.stderr,
+                   disable=a.no_progress)
         problems = {}
         try:
             for kernel, dt, v in groups:
@@ -590,8 +587,9 @@ class Sweep:
                             break
                         row = self.trial(problem, kernel, variant, cfg, base)
                         rows.append(row)
-                        bar.update(f"{kernel}/{variant.name} {dt} V={v} "
-                                   f"{row.get('ms') or row['status']}")
+                        bar.set_postfix_str(f"{kernel}/{variant.name} {dt} V={v} "
+                                            f"{row.get('ms') or row['status'][:30]}")
+                        bar.update()
                     if not complete:
                         break
                 if not complete:
@@ -737,9 +735,9 @@ def parse_args(argv):
     key = tuning.device_key(torch.cuda.get_device_name(device) if device.type == "cuda"
                             else "cpu-interpreter")
     if args.csv is None:
-        args.csv = str(C.results_dir(key) / "autotune.csv")
+        args.csv = str(C.out_dir(key) / "autotune.csv")
     if args.table_dir is None:
-        args.table_dir = str(C.results_dir(key) / "dry-run" if dry else tuning.TABLE_DIR)
+        args.table_dir = str(C.out_dir(key) / "dry-run" if dry else tuning.TABLE_DIR)
     return args
 
 
@@ -759,14 +757,14 @@ def main(argv=None):
     for line in lines:
         win = next(r for r in sweep.rows if r["winner"] and r["kernel"] == line["kernel"]
                    and r["dtype"] == line["dtype"] and r["vocab"] == line["vocab"])
-        line["ms"], line["rate"] = win["ms"], (f"{win['gbps']:.0f} GB/s" if win.get("gbps")
-                                               else f"{win['tflops']:.0f} TFLOP/s")
+        line["ms"], line["rate"] = win["ms"], (f"{C.sig(win['gbps'])} GB/s" if win.get("gbps")
+                                               else f"{C.sig(win['tflops'])} TFLOP/s")
     if lines:
-        print(C.format_table(lines, [
+        print(C.table(lines, [
             ("kernel", "kernel", None), ("dtype", "dtype", None), ("vocab", "V", "{}"),
             ("BLOCK_V", "BLOCK_V", "{}"), ("BLOCK_N", "BLOCK_N", "{}"), ("BLOCK_D", "BLOCK_D", "{}"),
-            ("num_warps", "warps", "{}"), ("num_stages", "stages", "{}"), ("ms", "ms", "{:.4f}"),
-            ("rate", "rate", None)]))
+            ("num_warps", "warps", "{}"), ("num_stages", "stages", "{}"), ("ms", "ms", C.sig),
+            ("rate", "rate", None)], na="-"))
     bad = [r for r in sweep.rows if r.get("status") != "ok"]
     if bad:
         print(f"\n{len(bad)} trial(s) failed or gave wrong results; first: "

@@ -54,6 +54,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
 if _spec.name not in sys.modules:
@@ -286,7 +287,7 @@ def main(argv=None):
     print(f"softmax_ce compile report | sm_{args.arch} | triton {triton.__version__} | "
           f"{len(work)} compilations", flush=True)
     base0 = dict(triton=triton.__version__, arch=f"sm_{args.arch}", git_sha=C.git_sha())
-    bar = C.Progress(len(work), "compile", disable=args.no_progress)
+    bar = tqdm(total=len(work), desc="compile", file=sys.stderr, disable=args.no_progress)
     rows = []
     try:
         for kernel, variant, dt, v, problem, cfg in work:
@@ -303,7 +304,8 @@ def main(argv=None):
                 base["variant"] += "_scalar"
             row = compile_row(call, base)
             rows.append(row)
-            bar.update(f"{kernel}/{variant.name} {dt} V={v} {row.get('regs', row['status'])}")
+            bar.set_postfix_str(f"{kernel}/{variant.name} {dt} V={v} {row.get('regs', row['status'])}")
+            bar.update()
     finally:
         bar.close()
     path = Path(args.csv)

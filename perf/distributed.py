@@ -38,8 +38,6 @@ From Python, ``main([...])`` returns the rows (list of dicts) it printed.
 """
 
 import argparse
-import csv
-import importlib.util
 import os
 import statistics
 import sys
@@ -48,13 +46,9 @@ from pathlib import Path
 
 import torch
 
-# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
-# registered before it runs, since dataclasses look their module up in sys.modules
-_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules[_spec.name])
-C = sys.modules[_spec.name]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+sys.path.pop(0)
 
 DTYPES = {short: C.torch_dtype(short) for short in C.DTYPE_NAMES}
 
@@ -165,7 +159,7 @@ def _measure(rank, world, cfg, device):
         timer.phase = None
         return loss
 
-    result = dict(rank=rank, n_local=n_local, path=_path_name(logits), ops={})
+    result = dict(rank=rank, n_local=n_local, path=C.path_name(logits), ops={})
     for op, step in (("cross_entropy", step_ce), ("linear_cross_entropy", step_lce)):
         D.forget_slices()  # the first warm-up step pays the one-time slice-size all-gather
         setup = []
@@ -217,14 +211,6 @@ def _measure(rank, world, cfg, device):
     gathered = [None] * world
     dist.all_gather_object(gathered, result, group=group)
     return gathered
-
-
-def _path_name(t):
-    from softmax_ce import _launch
-    if _launch.uses_triton(t):
-        interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        return "Triton interpreter" if interp else "Triton kernels"
-    return "PyTorch chunked path"
 
 
 def _rank(rank, world, cfg):
@@ -305,10 +291,7 @@ def _rows_for(world, per_rank, cfg, device_label):
 
 
 def _format_table(rows, cols):
-    cells = [[title for _, title, _ in cols]]
-    for r in rows:
-        cells.append([("n/a" if r.get(k) is None else fmt.format(r[k])) for k, _, fmt in cols])
-    return C.layout_table(cells, left=(0, 1))
+    return C.table(rows, cols)
 
 
 TIME_COLS = [
@@ -396,7 +379,7 @@ def main(argv=None):
     print("\n".join(header), flush=True)
 
     rows = []
-    for world in worlds:
+    for world in C.tqdm_iter(worlds, "world sizes"):
         if not cuda:
             cfg["threads"] = max(1, (os.cpu_count() or 1) // world)
         per_rank = _spawn(world, cfg)
@@ -425,11 +408,8 @@ def main(argv=None):
               f"{rows[0]['setup_collectives']} extra call); "
               f"'1 all-gather ms' / '3 all-reduce ms': those collectives alone for N rows.")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["world"])
-            w.writeheader()
-            for r in rows:
-                w.writerow(r)
+        import pandas as pd
+        pd.DataFrame(rows).to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")
     return rows
 

@@ -22,25 +22,15 @@ Exits non-zero when a goal is missed.
 """
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
 from pathlib import Path
 
-_here = Path(__file__).resolve().parent
-
-
-def _load(name, file):
-    spec = importlib.util.spec_from_file_location(name, _here / file)
-    if spec.name not in sys.modules:
-        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
-
-
-C = _load("softmax_ce_perf_common", "_common.py")
-LM = _load("softmax_ce_perf_linear_memory", "linear_memory.py")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+sys.path.pop(0)
+LM = C.load_module("softmax_ce_perf_linear_memory", C.PERF_DIR / "linear_memory.py")
 
 PROVIDERS = ("softmax_ce", "torch chunked")
 
@@ -59,7 +49,6 @@ def parse_args(argv):
 
 
 def _steps(args):
-    import torch
     import torch.nn.functional as F
 
     import softmax_ce
@@ -114,10 +103,11 @@ def main(argv=None):
     ok_mem = True
     if not args.no_memory:
         lm_args = LM.parse_args(["--rows", str(n), "--vocab", str(v), "--hidden", str(d)])
-        mem = {p: LM.run_provider(lm_args, p) for p in ("softmax_ce cpu", "torch chunked")}
+        mem = {p: LM.run_provider(lm_args, p)
+               for p in C.tqdm_iter(("softmax_ce cpu", "torch chunked"), "memory")}
         for p, row in mem.items():
             print(f"peak extra memory, {p}: "
-                  + (f"{row['peak_mib']:.0f} MiB" if row.get("peak_mib") is not None
+                  + (f"{C.sig(row['peak_mib'])} MiB" if row.get("peak_mib") is not None
                      else row.get("error", "n/a")), flush=True)
         ours, theirs = mem["softmax_ce cpu"].get("peak_mib"), mem["torch chunked"].get("peak_mib")
         ok_mem = ours is not None and theirs is not None and ours <= theirs

@@ -1,74 +1,42 @@
-"""Peak memory of the fused linear cross-entropy on CPU: forward + backward of
-`softmax_ce.linear_cross_entropy(x, W, t)` must stay under 0.35 GiB beyond its inputs and
-their gradients, where the unfused `F.cross_entropy(F.linear(x, W), t)` needs the N x V
-logits several times over (at the default N=2048, V=131072 fp32, 1 GiB each).
+"""Peak memory of the linear cross-entropy on CPU: forward + backward of
+`softmax_ce.linear_cross_entropy(x, W, t)` must stay under --limit-gib (0.35 GiB) beyond its
+inputs and their gradients, where the unfused `F.cross_entropy(F.linear(x, W), t)` needs the
+N x V logits several times over (1 GiB each at the default N=2048, V=131072 fp32).
 
-Providers, each measured in a fresh subprocess (TRITON_INTERPRET must be in the
-environment before triton is imported, and one provider's high-water mark must not
-hide another's):
+Providers, each in a fresh subprocess (perf/_common.py's memory harness; TRITON_INTERPRET is
+set before triton is imported):
 
-    softmax_ce interpreter   TRITON_INTERPRET=1: impl="fused", the Triton LCE kernels through
-                             Triton's interpreter (the chunked impl's cross-entropy kernel,
-                             interpreted over V = 131072, would take tens of minutes here)
+    softmax_ce interpreter   TRITON_INTERPRET=1: impl="fused", the Triton LCE kernels interpreted
     softmax_ce cpu           TRITON_INTERPRET=0: impl="chunked" (the default), the PyTorch path
-    torch unfused            F.linear + F.cross_entropy, for comparison (no limit)
+    torch unfused            F.linear + F.cross_entropy (no limit)
     torch chunked            torch's F.linear_cross_entropy(options=LinearCrossEntropyOptions())
 
-Method, in the subprocess: allocate x (N, D) and W (V, D) (fp32, requires_grad), the
-targets, and the gradients up front (`p.grad = zeros_like(p)`, so the backward
-accumulates into touched memory in place); run one tiny forward + backward of the same
-provider so lazy imports and one-time setup are not counted; then reset the resident
-high-water mark (`/proc/self/clear_refs` 5), read the current RSS as the baseline, run
-forward + backward once at the full shape and report peak RSS (VmHWM) minus baseline.
-VmHWM is the address space's own high-water mark (what clear_refs resets); ru_maxrss
-also folds in the parent's peak at exec, so it is only the fallback where /proc has no
-VmHWM.  glibc's mmap threshold is fixed at 1 MiB in the subprocess so that freed
-temporaries go back to the OS at once instead of being cached in the heap.
+In the subprocess: x (N, D), W (V, D) fp32 requiring grad, targets (every 16th ignored), the
+gradients allocated up front (zeros, so the backward accumulates into touched memory); one
+tiny step of the same provider first; then the peak RSS (VmHWM after clear_refs) of one
+full-shape step minus the RSS before it, glibc's mmap threshold at 1 MiB.
 
 Run:
     python perf/linear_memory.py                          # N=2048, D=256, V=131072 (minutes)
     python perf/linear_memory.py --rows 64 --vocab 4096 --hidden 32   # a quick smoke run
     python perf/linear_memory.py --providers "softmax_ce cpu,torch unfused"
 
-Exits non-zero when a softmax_ce provider exceeds --limit-gib (default 0.35) or fails.
-From Python, `main([...])` returns the measured rows (a list of dicts).
+Exits non-zero when a softmax_ce provider exceeds the limit or fails.  From Python,
+`main([...])` returns the rows (dicts).
 """
 
 import argparse
-import gc
-import importlib.util
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
-# registered before it runs, since dataclasses look their module up in sys.modules
-_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules[_spec.name])
-C = sys.modules[_spec.name]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+sys.path.pop(0)
 
-LIMIT_GIB = 0.35
-MMAP_THRESHOLD = C.MMAP_THRESHOLD
-RESULT_MARK = "LINEAR_MEMORY_RESULT "
+# name -> (TRITON_INTERPRET, held to the limit)
+PROVIDERS = {"softmax_ce interpreter": ("1", True), "softmax_ce cpu": ("0", True),
+             "torch unfused": ("0", False), "torch chunked": ("0", False)}
 
-# name -> (TRITON_INTERPRET value, is a softmax_ce path held to the limit)
-PROVIDERS = {
-    "softmax_ce interpreter": ("1", True),
-    "softmax_ce cpu": ("0", True),
-    "torch unfused": ("0", False),
-    # torch 2.13+: its own chunked linear cross-entropy, with its default options
-    "torch chunked": ("0", False),
-}
-
-
-# ----------------------------------------------------------------------------
-# The measured step (subprocess side)
-# ----------------------------------------------------------------------------
 
 def make_inputs(rows, vocab, hidden, seed=0):
     import torch
@@ -88,171 +56,100 @@ def loss_fn(provider):
         from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
         return lambda x, w, t: F.linear_cross_entropy(x, w, t, options=LinearCrossEntropyOptions())
     import softmax_ce
-    if provider == "softmax_ce interpreter":
-        return lambda x, w, t: softmax_ce.linear_cross_entropy(x, w, t, impl="fused")
-    return softmax_ce.linear_cross_entropy
+    impl = "fused" if provider == "softmax_ce interpreter" else "chunked"
+    return lambda x, w, t: softmax_ce.linear_cross_entropy(x, w, t, impl=impl)
 
 
-def step(fn, x, w, t):
-    loss = fn(x, w, t)
-    loss.backward()
-    return loss.item()
-
-
-def child(args):
-    """Runs in the subprocess: -> the result dict printed for the parent."""
+def child(a):
     import torch
-    import softmax_ce  # imports triton: TRITON_INTERPRET is already in the environment
-    from softmax_ce._launch import uses_triton
-
-    fn = loss_fn(args.child)
-    x, w, t = make_inputs(args.rows, args.vocab, args.hidden)
-    path = "triton" if uses_triton(x) else "pytorch"
-    if args.child.startswith("softmax_ce"):
-        expect = "triton" if PROVIDERS[args.child][0] == "1" else "pytorch"
-        assert path == expect, f"{args.child} would take the {path} path"
+    fn = loss_fn(a.provider)
+    x, w, t = make_inputs(a.rows, a.vocab, a.hidden)
+    path = C.path_name(x)
+    if a.provider.startswith("softmax_ce"):
+        want = "Triton interpreter" if PROVIDERS[a.provider][0] == "1" else "PyTorch path"
+        assert path == want, f"{a.provider} would take the {path}"
     for p in (x, w):
-        p.grad = torch.zeros_like(p)  # touched; backward accumulates into it in place
+        p.grad = torch.zeros_like(p)
 
-    # warm-up at a tiny shape: imports, kernel decoration, thread pools
-    xs, ws, ts = make_inputs(32, 256, 16, seed=1)
-    step(fn, xs, ws, ts)
-    del xs, ws, ts
-    gc.collect()
-
-    can_reset = C.reset_peak_rss()
-    base = C.rss_kib()
-    peak_before, source = C.peak_rss()  # (KiB, "VmHWM" or "ru_maxrss")
-    t0 = time.perf_counter()
-    loss = step(fn, x, w, t)
-    wall = time.perf_counter() - t0
-    peak, source = C.peak_rss()
-    if not can_reset and peak <= peak_before:
-        peak_mib = None  # an earlier high-water mark hides this step's
-    else:
-        peak_mib = max(0, peak - base) / 1024
-    return dict(provider=args.child, path=path, peak_mib=peak_mib, base_mib=base / 1024,
-                wall_s=wall, loss=loss, peak_source=source + (" (reset)" if can_reset else ""),
-                grad_norm_w=float(w.grad.norm()), grad_norm_x=float(x.grad.norm()))
+    def step(x, w, t):
+        loss = fn(x, w, t)
+        loss.backward()
+        return loss.item()
+    r = C.measure_peak(lambda: step(x, w, t), warmup=lambda: step(*make_inputs(32, 256, 16, seed=1)))
+    C.child_result(dict(provider=a.provider, path=path, peak_mib=r["peak_mib"], wall_s=r["seconds"],
+                        loss=r["value"]))
 
 
-# ----------------------------------------------------------------------------
-# Driver
-# ----------------------------------------------------------------------------
+def run_provider(a, provider):
+    res, err = C.run_child(__file__, ["--provider", provider, "--rows", str(a.rows), "--vocab",
+                                      str(a.vocab), "--hidden", str(a.hidden)],
+                           {"TRITON_INTERPRET": PROVIDERS[provider][0]}, timeout=a.timeout)
+    return res or dict(provider=provider, error=err)
+
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=2048, help="N, tokens (default 2048)")
     ap.add_argument("--vocab", type=int, default=131072, help="V (default 131072)")
     ap.add_argument("--hidden", type=int, default=256, help="D (default 256)")
-    ap.add_argument("--limit-gib", type=float, default=LIMIT_GIB,
+    ap.add_argument("--limit-gib", type=float, default=0.35,
                     help="peak beyond inputs and gradients allowed to softmax_ce (GiB)")
-    ap.add_argument("--providers", default=",".join(PROVIDERS),
+    ap.add_argument("--providers", type=C.name_list, default=tuple(PROVIDERS),
                     help="comma-separated subset of: " + ", ".join(PROVIDERS))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per provider")
-    ap.add_argument("--provider", dest="child", default=None, choices=list(PROVIDERS),
-                    help=argparse.SUPPRESS)  # internal: run one provider in this process
-    args = ap.parse_args(argv)
-    args.selected = [p.strip() for p in args.providers.split(",") if p.strip()]
-    for p in args.selected:
+    ap.add_argument("--provider", choices=list(PROVIDERS), help=argparse.SUPPRESS)  # internal
+    a = ap.parse_args(argv)
+    for p in a.providers:
         if p not in PROVIDERS:
             ap.error(f"unknown provider {p!r}; expected one of {list(PROVIDERS)}")
-    return args
-
-
-def run_provider(args, provider):
-    env = dict(os.environ, TRITON_INTERPRET=PROVIDERS[provider][0],
-               MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
-    cmd = [sys.executable, os.path.abspath(__file__), "--provider", provider,
-           "--rows", str(args.rows), "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(provider=provider, error=f"timed out after {args.timeout:.0f} s")
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    return dict(provider=provider,
-                error=f"subprocess rc {proc.returncode}: {proc.stderr.strip()[-1500:]}")
-
-
-def header(args):
-    v = {pkg: C.package_version(pkg) for pkg in ("torch", "triton")}  # no import in the parent
-    gib = lambda n: n * 4 / 2**30  # noqa: E731  fp32 bytes
-    n, d, vocab = args.rows, args.hidden, args.vocab
-    return "\n".join([
-        "softmax_ce linear_cross_entropy: peak CPU memory of forward + backward, reduction=mean",
-        f"device: cpu ({C.cpu_description()}) | torch {v['torch']} | triton {v['triton']}",
-        f"shape: N={n} D={d} V={vocab} fp32 | x {gib(n * d) * 1024:.2f} MiB, "
-        f"W {gib(vocab * d) * 1024:.1f} MiB (each again for its gradient) | "
-        f"fp32 N x V logits would be {gib(n * vocab):.3f} GiB",
-        "memory: peak RSS (VmHWM after clear_refs) minus RSS after allocating inputs and "
-        "zeroed gradients and a tiny warm-up step; fresh subprocess per provider, "
-        f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}",
-        f"limit for softmax_ce paths: {args.limit_gib} GiB = {args.limit_gib * 1024:.0f} MiB",
-    ])
-
-
-def format_table(rows):
-    titles = ["provider", "path", "peak extra MiB", "limit MiB", "result", "wall s", "loss"]
-    cells = [titles]
-    for r in rows:
-        peak = r.get("peak_mib")
-        cells.append([
-            r["provider"], r.get("path", "-"),
-            "n/a" if peak is None else f"{peak:.1f}",
-            "-" if r.get("limit_mib") is None else f"{r['limit_mib']:.0f}",
-            r["result"],
-            "-" if r.get("wall_s") is None else f"{r['wall_s']:.1f}",
-            "-" if r.get("loss") is None else f"{r['loss']:.6f}",
-        ])
-    return C.layout_table(cells, left=(0, 1))
+    return a
 
 
 def judge(row, limit_mib):
     held = PROVIDERS[row["provider"]][1]
     row["limit_mib"] = limit_mib if held else None
     if row.get("error"):
-        row["result"] = "error"
-        row["ok"] = not held
+        row["result"], row["ok"] = "error", not held
     elif not held:
-        row["result"] = "(reference)"
-        row["ok"] = True
+        row["result"], row["ok"] = "(reference)", True
     elif row.get("peak_mib") is None:
-        row["result"] = "n/a"
-        row["ok"] = False
+        row["result"], row["ok"] = "n/a", False
     else:
         row["ok"] = row["peak_mib"] <= limit_mib
         row["result"] = "pass" if row["ok"] else "FAIL"
     return row
 
 
-def exit_code(rows) -> int:
+def exit_code(rows):
     return 0 if rows and all(r["ok"] for r in rows) else 1
 
 
 def main(argv=None):
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.child:
-        result = child(args)
-        print(RESULT_MARK + json.dumps(result), flush=True)
-        return [result]
-
-    print(header(args), flush=True)
-    limit_mib = args.limit_gib * 1024
-    rows = []
-    for provider in args.selected:
-        print(f"... {provider}", file=sys.stderr, flush=True)
-        row = judge(run_provider(args, provider), limit_mib)
-        if row.get("error"):
-            print(f"[{provider}] {row['error']}", file=sys.stderr)
-        rows.append(row)
-    print(format_table(rows), flush=True)
+    a = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if a.provider:
+        return child(a)
+    n, d, v = a.rows, a.hidden, a.vocab
+    mib = lambda k: k * 4 / 2**20  # noqa: E731  fp32
+    print("softmax_ce linear_cross_entropy: peak CPU memory of forward + backward, reduction=mean\n"
+          f"device: cpu ({C.cpu_description()}) | torch {C.package_version('torch')} | triton "
+          f"{C.triton_version()}\nshape: N={n} D={d} V={v} fp32 | x {mib(n * d):.2f} MiB, W "
+          f"{mib(v * d):.1f} MiB (each again for its gradient) | fp32 N x V logits would be "
+          f"{mib(n * v) / 1024:.3f} GiB\nmemory: peak RSS (VmHWM after clear_refs) minus RSS after "
+          "the inputs, zeroed gradients and a tiny warm-up step; fresh subprocess per provider, "
+          f"MALLOC_MMAP_THRESHOLD_={C.MMAP_THRESHOLD}\nlimit for softmax_ce paths: {a.limit_gib} GiB "
+          f"= {a.limit_gib * 1024:.0f} MiB", flush=True)
+    rows = [judge(run_provider(a, p), a.limit_gib * 1024) for p in C.tqdm_iter(a.providers, "linear memory")]
+    for r in rows:
+        if r.get("error"):
+            print(f"[{r['provider']}] {r['error']}", file=sys.stderr)
+    print(C.table(rows, [("provider", "provider", None), ("path", "path", None),
+                         ("peak_mib", "peak extra MiB", "{:.1f}"), ("limit_mib", "limit MiB", "{:.0f}"),
+                         ("result", "result", None), ("wall_s", "wall s", "{:.1f}"),
+                         ("loss", "loss", "{:.6f}")], na="-"), flush=True)
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     if len(losses) > 1:
-        spread = max(losses) - min(losses)
-        print(f"loss spread across providers: {spread:.3g} (same inputs in every subprocess)")
+        print(f"loss spread across providers: {max(losses) - min(losses):.3g} (same inputs in every "
+              "subprocess)")
     return rows
 
 

@@ -1,174 +1,116 @@
-"""Roofline plots of perf/bench.py's CSV: PNGs written next to the CSV.
+"""Plots of perf/bench.py's CSV (and autotune.py's): PNGs written next to the CSV.
 
-1. bench_gbps_<dtype>.png: achieved GB/s (the CSV's gbps: each provider's byte model,
-   the nominal one for peers; see bench.py) against the vocabulary size (log x), one
-   subplot per mode, one line per provider, at one row count N (--rows, default the
-   most measured one).  Horizontal lines: the copy bandwidth measured in the same runs
-   (median of the rows' copy_gbps) and the datasheet HBM peak where DATASHEET knows the
-   GPU (otherwise the title says it is omitted).
-2. roofline.png: the classic roofline, log-log: arithmetic intensity (FLOP/byte) on x,
-   achieved FLOP/s on y.  Roofs: memory = the measured copy bandwidth x intensity;
-   compute = the datasheet fp32 non-tensor-core rate (the cross-entropy's elementwise
-   work) and the bf16 dense tensor-core rate (the linear section's matmuls), where known.
-   Each measured row is a point: FLOP from FLOP_MODEL below, bytes = the row's gbps x ms
-   (the same byte model bench.py charged), so intensity = FLOP / bytes.
+1. bench_gbps_<dtype>.png: GB/s (each provider's byte model, the nominal one for peers; see
+   bench.py) against the vocabulary size (log x), one subplot per mode, one line per
+   provider (its own marker and line style, translucent, so no line hides another) at one
+   N (--rows, default the most measured).  Horizontal lines: the copy bandwidth measured in
+   the same runs and the datasheet HBM peak where DATASHEET knows the GPU.
+2. roofline.png: arithmetic intensity (FLOP/byte, bench.py's byte model) against FLOP/s.
+   Roofs: the measured copy bandwidth; the datasheet fp32 non-tensor-core rate (the
+   cross-entropy's elementwise work) and bf16 dense tensor-core rate (the matmuls).
+   FLOP model, per logit element (exp = 1 FLOP): forward 5 (max, subtract, exp, add,
+   upcast/rescale), backward 5 (subtract m and log d, exp, scale, one-hot select),
+   fwd+bwd 10; softmax_ce_fused 10 / 1 / 11 (gradient in the forward, a rescale later);
+   peers the recompute model.  Linear: 2NVD / 4NVD / 6NVD, useful work only.
+3. autotune.png (for an autotune.py CSV): each config's time per kernel group.
 
-FLOP model (written once, here):
-* cross-entropy, per logit element (exp counted as one FLOP, as the SFU issues it):
-    forward   5: the running max (1), subtract it (1), exp (1), add to the sum (1), and
-                 the upcast / online rescale, amortised (1)
-    backward  5: subtract m and log d (2), exp (1), times the row coefficient (1), the
-                 target's one-hot subtraction as a select (1)
-    fwd+bwd   10 (recompute: both of the above)
-  softmax_ce_fused computes the gradient in its forward and only rescales it later:
-    forward 10, backward 1, fwd+bwd 11.
-  Peers are charged the recompute model, like their nominal bytes: their points show
-  effective throughput on the same intensity as ours.
-* linear cross-entropy, per N*V*D, useful work only: forward 2 (x W^T), backward 4 (the
-  two gradient matmuls G W and G^T x), fwd+bwd 6, whichever provider; a fused backward
-  that recomputes the logits (2 more) is not credited for it, so its point sits lower by
-  what recomputing costs.  The O(N*V) softmax work is left out (under 0.5% at D >= 2048).
+Every title says which path ran (CUDA Triton kernels / Triton interpreter / PyTorch path),
+the device, dtype, torch and triton versions.
 
 Run:
-    python perf/plot.py perf/results/nvidia-h100-80gb-hbm3/bench.csv
+    python perf/plot.py perf/out/nvidia-h100-80gb-hbm3/bench.csv
     python perf/plot.py bench.csv --rows 8192 --out-dir /tmp/plots
 
 From Python, ``main([csv, ...])`` returns the list of written PNG paths.
 """
 
 import argparse
-import importlib.util
-import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")  # files only: no display on the GPU machine or in CI
+matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 
-
-# perf/_common.py by file path (perf/ is not a package and not on sys.path), once per process;
-# registered before it runs, since dataclasses look their module up in sys.modules
-_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules[_spec.name])
-C = sys.modules[_spec.name]
-
-# Datasheet peaks by a substring of the lowercased device name; the first match wins
-# (so "h100 pcie" is tried before "h100").  GB/s of HBM, TFLOP/s fp32 without tensor
-# cores, TFLOP/s bf16 dense on tensor cores.
-DATASHEET = [
+DATASHEET = [  # substring of the lowercased device name (first match wins): GB/s, TFLOP/s
     ("h100 pcie", dict(label="H100 PCIe", hbm_gbps=2000, fp32_tflops=51, bf16_tflops=756)),
     ("h100 nvl", dict(label="H100 NVL", hbm_gbps=3900, fp32_tflops=60, bf16_tflops=835)),
     ("h100", dict(label="H100 SXM", hbm_gbps=3350, fp32_tflops=67, bf16_tflops=989)),
     ("h200", dict(label="H200 SXM", hbm_gbps=4800, fp32_tflops=67, bf16_tflops=989)),
 ]
-
 CE_FLOP = {"forward": 5, "backward": 5, "fwd+bwd": 10}
 CE_FLOP_FUSED = {"forward": 10, "backward": 1, "fwd+bwd": 11}
 LINEAR_FLOP = {"forward": 2, "backward": 4, "fwd+bwd": 6}
-
 MODES = ("forward", "backward", "fwd+bwd")
-MARKERS = {"forward": "o", "backward": "s", "fwd+bwd": "^"}
+MODE_MARKERS = {"forward": "o", "backward": "s", "fwd+bwd": "^"}
+STYLES = [(m, ls) for ls in ("-", "--", ":", "-.") for m in "ovsD^P*Xh<>"]
+NEEDS = {"bench": {"gpu", "section", "provider", "mode", "dtype", "n_rows", "vocab", "ms"},
+         "autotune": {"gpu", "kernel", "variant", "dtype", "vocab", "config", "ms", "status"}}
 
 
-def datasheet(gpu: str):
-    name = gpu.lower()
-    for key, spec in DATASHEET:
-        if key in name:
-            return spec
-    return None
+def datasheet(gpu):
+    return next((spec for key, spec in DATASHEET if key in str(gpu).lower()), None)
 
 
-def flop(row) -> float:
-    n, v = int(row["n_rows"]), int(row["vocab"])
-    if row["section"] == "linear":
-        return LINEAR_FLOP[row["mode"]] * n * v * int(row["hidden"])
-    model = CE_FLOP_FUSED if row["provider"] == "softmax_ce_fused" else CE_FLOP
-    return model[row["mode"]] * n * v
+def style(names):
+    return {n: STYLES[i % len(STYLES)] for i, n in enumerate(sorted(names))}
 
 
-def load(path):
-    """Measured rows (ms present), the latest per key (a CSV collects many runs)."""
-    latest = {}
-    for r in C.read_rows(path):
-        if C.as_float(r.get("ms")) is None:
-            continue
-        key = (r["gpu"], r["section"], r["provider"], r["mode"], r["dtype"], r["n_rows"],
-               r["vocab"], r.get("hidden", ""))
-        if key not in latest or r["timestamp"] >= latest[key]["timestamp"]:
-            latest[key] = r
-    return list(latest.values())
+def conditions(df, gpu):
+    """'<path> | <gpu> | torch x | triton y' from the rows' own columns."""
+    def values(k):
+        return sorted(set(df[k].dropna().astype(str))) if k in df else []
+    vers = [f"{k} {', '.join(values(k)) or 'not recorded'}" for k in ("torch", "triton")]
+    paths = values("path")
+    return " | ".join([", ".join(paths) or "path not recorded", str(gpu)] + vers)
 
 
-def copy_bw(rows):
-    vals = [C.as_float(r.get("copy_gbps")) for r in rows]
-    vals = [v for v in vals if v]
-    return statistics.median(vals) if vals else None
+def flop(r):
+    if r["section"] == "linear":
+        return LINEAR_FLOP[r["mode"]] * r["n_rows"] * r["vocab"] * r["hidden"]
+    return (CE_FLOP_FUSED if r["provider"] == "softmax_ce_fused" else CE_FLOP)[r["mode"]] * r["n_rows"] * r["vocab"]
 
 
-def _colors(names):
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    return {n: cmap(i % cmap.N) for i, n in enumerate(sorted(names))}
-
-
-def plot_gbps(rows, gpu, dtype, n_rows, path):
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.5), squeeze=False)
-    colors = _colors({r["provider"] for r in rows})
-    copy, sheet = copy_bw(rows), datasheet(gpu)
+def plot_gbps(df, gpu, dtype, n, path):
+    modes = [m for m in MODES if (df["mode"] == m).any()]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.8), squeeze=False)
+    st, copy, sheet = style(df["provider"].unique()), df["copy_gbps"].median(), datasheet(gpu)
     for ax, mode in zip(axes[0], modes):
-        by_provider = defaultdict(list)
-        for r in rows:
-            if r["mode"] == mode and C.as_float(r.get("gbps")):
-                by_provider[r["provider"]].append((int(r["vocab"]), float(r["gbps"])))
-        for prov, pts in sorted(by_provider.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[mode],
-                    color=colors[prov], label=prov)
-        if copy:
-            ax.axhline(copy, color="black", ls="--", lw=1, label=f"copy {copy:.0f} GB/s (measured)")
+        for prov, g in df[df["mode"] == mode].dropna(subset=["gbps"]).groupby("provider"):
+            g = g.sort_values("vocab")
+            ax.plot(g["vocab"], g["gbps"], marker=st[prov][0], ls=st[prov][1], alpha=0.75,
+                    markersize=6, markerfacecolor="none", label=prov)
+        if copy == copy:  # not NaN
+            ax.axhline(copy, color="black", ls="--", lw=1, label=f"copy {copy:.3g} GB/s (measured)")
         if sheet:
             ax.axhline(sheet["hbm_gbps"], color="grey", ls=":", lw=1,
                        label=f"{sheet['label']} datasheet {sheet['hbm_gbps']} GB/s")
-        ax.set_xscale("log")
-        ax.set_xlabel("vocabulary size V")
-        ax.set_ylabel("GB/s (byte model / time)")
-        ax.set_title(f"{mode}")
+        ax.set(xscale="log", xlabel="vocabulary size V", ylabel="GB/s (byte model / time)", title=mode)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    note = "" if sheet else " | datasheet peak unknown for this device: omitted"
-    fig.suptitle(f"cross-entropy, {dtype}, N={n_rows} on {gpu}{note}", fontsize=10)
+    note = "" if sheet else " | datasheet peak unknown: omitted"
+    fig.suptitle(f"cross-entropy, {dtype}, N={n}{note}\n{conditions(df, gpu)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_roofline(rows, gpu, path):
-    copy, sheet = copy_bw(rows), datasheet(gpu)
-    pts = []
-    for r in rows:
-        ms, gbps = C.as_float(r.get("ms")), C.as_float(r.get("gbps"))
-        if not ms or not gbps:
-            continue
-        nbytes = gbps * 1e9 * ms * 1e-3
-        f = flop(r)
-        pts.append((f / nbytes, f / (ms * 1e-3), r))
+def plot_roofline(df, gpu, path):
+    df = df.dropna(subset=["gbps"]).copy()
+    df["flop"] = [flop(r) for _, r in df.iterrows()]
+    df["x"] = df["flop"] / (df["gbps"] * 1e9 * df["ms"] * 1e-3)
+    df["y"] = df["flop"] / (df["ms"] * 1e-3)
+    copy, sheet = df["copy_gbps"].median(), datasheet(gpu)
     fig, ax = plt.subplots(figsize=(11, 6))
-    colors = _colors({r["provider"] for _, _, r in pts})
-    xs = [p[0] for p in pts] or [1.0]
-    lo, hi = min(xs + [0.1]) / 2, max(xs + [1e3]) * 2
+    lo, hi = min([0.1, *df["x"]]) / 2, max([1e3, *df["x"]]) * 2
     grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-    notes = []
-    if copy:
-        roof = copy * 1e9
-        cap = max(sheet["fp32_tflops"], sheet["bf16_tflops"]) * 1e12 if sheet else None
-        ax.plot(grid, [min(roof * x, cap) if cap else roof * x for x in grid], color="black",
-                lw=1.5, label=f"memory roof: copy {copy:.0f} GB/s (measured)")
+    if copy == copy:
+        cap = max(sheet["fp32_tflops"], sheet["bf16_tflops"]) * 1e12 if sheet else float("inf")
+        ax.plot(grid, [min(copy * 1e9 * x, cap) for x in grid], color="black", lw=1.5,
+                label=f"memory roof: copy {copy:.3g} GB/s (measured)")
     if sheet:
         ax.plot(grid, [sheet["hbm_gbps"] * 1e9 * x for x in grid], color="grey", ls=":", lw=1,
                 label=f"datasheet HBM {sheet['hbm_gbps']} GB/s")
@@ -176,63 +118,79 @@ def plot_roofline(rows, gpu, path):
                                ("bf16_tflops", "bf16 dense tensor cores: matmuls", "-.")):
             ax.axhline(sheet[key] * 1e12, color="tab:red", ls=ls, lw=1,
                        label=f"{sheet['label']} {label} {sheet[key]:g} TFLOP/s")
-    else:
-        notes.append("compute roofs omitted: datasheet unknown for this device")
-    seen = set()
-    for x, y, r in pts:
-        label = f"{r['provider']} ({r['section']})"
-        ax.scatter([x], [y], color=colors[r["provider"]], marker=MARKERS[r["mode"]], s=22,
-                   label=None if label in seen else label, alpha=0.8)
-        seen.add(label)
-    for mode, marker in MARKERS.items():  # a legend key for the marker shapes
-        ax.scatter([], [], color="grey", marker=marker, label=f"mode: {mode}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(lo, hi)
-    ax.set_xlabel("arithmetic intensity (FLOP / byte, bench.py byte model)")
-    ax.set_ylabel("FLOP/s (FLOP model in perf/plot.py)")
+    colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(sorted(df["provider"].unique()))}
+    for (prov, section, mode), g in df.groupby(["provider", "section", "mode"]):
+        ax.scatter(g["x"], g["y"], color=colors[prov], marker=MODE_MARKERS[mode], s=24, alpha=0.7,
+                   label=f"{prov} ({section}) {mode}")
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylabel="FLOP/s (FLOP model in perf/plot.py)",
+           xlabel="arithmetic intensity (FLOP / byte, bench.py byte model)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
-    ax.set_title(f"roofline on {gpu}" + (f"\n{'; '.join(notes)}" if notes else ""), fontsize=10)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: hides nothing
+    ax.set_title(f"roofline{'' if sheet else ' (compute roofs omitted: datasheet unknown)'}\n"
+                 f"{conditions(df, gpu)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def plot_autotune(df, gpu, path):
+    df = df[df["status"] == "ok"].dropna(subset=["ms"])
+    groups = list(df.groupby(["kernel", "dtype", "vocab"]))
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(3.2 * max(1, len(groups)), 4),
+                             squeeze=False)
+    for ax, ((k, dt, v), g) in zip(axes[0], groups):
+        for (variant, _), gg in g.groupby(["variant", "primary"]):
+            ax.plot(range(len(gg)), gg["ms"], "o", alpha=0.6, markerfacecolor="none", label=variant)
+        ax.set(title=f"{k} {dt} V={v}", xlabel="config (CSV order)", ylabel="ms")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"autotune sweep: time per config | {conditions(df, gpu)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("csv", help="a CSV written by perf/bench.py")
+    p.add_argument("csv", help="a CSV written by perf/bench.py or perf/autotune.py")
     p.add_argument("--out-dir", help="default: the CSV's folder")
-    p.add_argument("--rows", type=int, help="N of the GB/s-vs-V plot (default: the most "
-                                            "measured N per dtype)")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-
-    csv_path = Path(args.csv)
-    out_dir = Path(args.out_dir) if args.out_dir else csv_path.resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = load(csv_path)
-    gpus = sorted({r["gpu"] for r in rows})
+    p.add_argument("--rows", type=int, help="N of the GB/s plot (default: the most measured)")
+    a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    path = Path(a.csv)
+    if not path.is_file():
+        sys.exit(f"plot.py: no such file: {path} (run perf/bench.py first; its CSV goes to "
+                 "perf/out/<gpu-key>/bench.csv unless --csv says otherwise)")
+    df = pd.read_csv(path)
+    kind = next((k for k, cols in NEEDS.items() if cols <= set(df.columns)), None)
+    if kind is None:
+        sys.exit(f"plot.py: {path} is neither a bench.py nor an autotune.py CSV (columns: "
+                 f"{', '.join(df.columns)})")
+    out = Path(a.out_dir) if a.out_dir else path.resolve().parent
+    out.mkdir(parents=True, exist_ok=True)
+    df = df[pd.to_numeric(df["ms"], errors="coerce").notna()]
     written = []
+    gpus = sorted(df["gpu"].unique())
     for gpu in gpus:
-        g_rows = [r for r in rows if r["gpu"] == gpu]
-        # one device per CSV is the rule (perf/results/<gpu>/); otherwise name files by it
-        tag = f"_{C.name_key(gpu)}" if len(gpus) > 1 else ""
-        ce = [r for r in g_rows if r["section"] == "ce"]
-        for dtype in sorted({r["dtype"] for r in ce}):
-            d_rows = [r for r in ce if r["dtype"] == dtype]
-            counts = defaultdict(int)
-            for r in d_rows:
-                counts[int(r["n_rows"])] += 1
-            n = args.rows if args.rows in counts else max(counts, key=lambda k: (counts[k], k))
-            written.append(plot_gbps([r for r in d_rows if int(r["n_rows"]) == n], gpu, dtype, n,
-                                     out_dir / f"bench_gbps{tag}_{dtype}.png"))
-        if g_rows:
-            written.append(plot_roofline(g_rows, gpu, out_dir / f"roofline{tag}.png"))
+        tag = f"_{''.join(c if c.isalnum() else '-' for c in gpu.lower())}" if len(gpus) > 1 else ""
+        g = df[df["gpu"] == gpu]
+        if kind == "autotune":
+            written.append(plot_autotune(g, gpu, out / f"autotune{tag}.png"))
+            continue
+        # the latest row per key: a CSV collects many runs
+        keys = ["section", "provider", "mode", "dtype", "n_rows", "vocab", "hidden", "path"]
+        g = g.sort_values("timestamp").drop_duplicates([k for k in keys if k in g], keep="last")
+        ce = g[g["section"] == "ce"]
+        for dtype, d in ce.groupby("dtype"):
+            counts = d["n_rows"].value_counts()
+            n = a.rows if a.rows in counts.index else max(counts.index, key=lambda k: (counts[k], k))
+            written.append(plot_gbps(d[d["n_rows"] == n], gpu, dtype, n, out / f"bench_gbps{tag}_{dtype}.png"))
+        if g["gbps"].notna().any():
+            written.append(plot_roofline(g, gpu, out / f"roofline{tag}.png"))
     for w in written:
         print(w)
     if not written:
-        print(f"no measured rows in {csv_path}: nothing plotted")
+        print(f"no measured rows in {path}: nothing plotted")
     return [str(w) for w in written]
 
 

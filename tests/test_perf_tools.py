@@ -22,6 +22,9 @@ import torch
 from softmax_ce.kernels import tuning
 
 PERF = Path(__file__).resolve().parents[1] / "perf"
+sys.path.insert(0, str(PERF))
+import _common  # noqa: E402
+sys.path.pop(0)
 CUDA = torch.cuda.is_available()
 
 REQUIRED = {"gpu", "provider", "mode", "dtype", "n_rows", "vocab", "ms", "gbps", "peak_mem_mb",
@@ -104,6 +107,8 @@ def test_bench_writes_csv(bench, tmp_path, device):
             assert float(r["peak_mem_mb"]) >= 0
         else:
             assert r["peak_mem_mb"] == ""  # not measured on CPU
+        if r["provider"].startswith("softmax_ce"):  # which back end ran, on every row
+            assert r["path"] == ("CUDA Triton kernels" if device == "cuda" else "Triton interpreter"), r
 
     # a second run appends under the same header, and --resume skips what is there
     again = bench.main(bench_argv(device, csv_path, "--providers", "torch", "--modes",
@@ -165,40 +170,6 @@ def test_bench_goals_report(bench):
     assert next(ln for ln in lines if "than torch_compile" in ln).startswith("FAIL"), text
     mem = next(ln for ln in lines if "O(N)" in ln)
     assert mem.startswith("PASS") and "512 B/row" in mem, text
-
-
-def test_do_bench_median_across_triton_signatures(monkeypatch):
-    """_common.do_bench_median asks for the median the way the installed Triton allows."""
-    import triton.testing
-
-    common = load("_common")
-    calls = []
-
-    def new_style(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
-        assert return_mode in ("min", "max", "mean", "median", "all")
-        fn()
-        calls.append(("new", warmup, rep, return_mode, quantiles))
-        return 1.5
-
-    def old_style(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, fast_flush=True):
-        fn()
-        calls.append(("old", warmup, rep, quantiles))
-        return [2.5] if quantiles else 9.9
-
-    def no_median(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
-        assert return_mode in ("min", "max", "mean")
-        fn()
-        calls.append(("no-median", quantiles))
-        return 3.5  # a Triton that returns a bare float for one quantile
-
-    ran = []
-    for impl, want in ((new_style, 1.5), (old_style, 2.5), (no_median, 3.5)):
-        monkeypatch.setattr(triton.testing, "do_bench", impl)
-        assert common.do_bench_median(lambda: ran.append(1), warmup_ms=3, rep_ms=7) == want
-    assert calls[0] == ("new", 3, 7, "median", None)
-    assert calls[1] == ("old", 3, 7, [0.5])
-    assert calls[2] == ("no-median", [0.5])
-    assert len(ran) == 3
 
 
 # ----------------------------------------------------------------------------
@@ -309,7 +280,7 @@ def test_autotune_launch_matches_the_package(autotune):
 # ----------------------------------------------------------------------------
 
 def synthetic_csv(bench, path, gpu="NVIDIA H100 80GB HBM3"):
-    common = load("_common")
+    import _common as common
     rows = []
     for provider, eff in (("softmax_ce", 0.9), ("softmax_ce_fused", 0.85), ("torch", 0.3),
                           ("liger", 0.45)):
@@ -322,7 +293,9 @@ def synthetic_csv(bench, path, gpu="NVIDIA H100 80GB HBM3"):
                         rows.append(dict(timestamp="2026-11-21T00:00:00Z", gpu=gpu, section="ce",
                                          provider=provider, mode=mode, dtype=dtype, n_rows=n,
                                          vocab=v, ms=nbytes / gbps / 1e6, gbps=gbps,
-                                         copy_gbps=3000))
+                                         copy_gbps=3000, torch="2.11.0", triton="3.6.0",
+                                         path="CUDA Triton kernels"
+                                         if provider.startswith("softmax_ce") else ""))
     rows.append(dict(timestamp="2026-11-21T00:00:00Z", gpu=gpu, section="ce", provider="cce",
                      mode="forward", dtype="bf16", n_rows=8192, vocab=32000,
                      note="unavailable: ModuleNotFoundError"))  # no ms: not plotted
@@ -361,3 +334,70 @@ def test_plot_unknown_device_and_out_dir(bench, tmp_path):
                                                "roofline.png"}
     assert all(Path(p).parent == tmp_path / "png" and Path(p).stat().st_size > 1000
                for p in written)
+
+
+def test_plot_reads_the_autotune_csv_and_refuses_clearly(autotune, tmp_path, capsys):
+    """plot.py on the sweep's own CSV plots it (it used to fail with KeyError 'section'); a
+    missing file or a foreign CSV is a one-line error, not a traceback."""
+    plot = load("plot")
+    rows = [dict(timestamp="t", gpu="cpu-interpreter", kernel=k, variant="recompute", primary=1,
+                 dtype="fp32", n_rows=4, vocab=100, config='{"BLOCK_V": %d}' % b, ms=b / 1000,
+                 status="ok", torch="2", triton="3") for k in ("ce_fwd", "ce_bwd") for b in (64, 128)]
+    csv_path = _common.append_rows(tmp_path / "autotune.csv", autotune.COLUMNS, rows)
+    (png,) = plot.main([str(csv_path)])
+    assert Path(png).name == "autotune.png" and Path(png).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="no such file"):
+        plot.main([str(tmp_path / "missing.csv")])
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match="neither a bench.py nor an autotune.py CSV"):
+        plot.main([str(tmp_path / "other.csv")])
+
+
+def test_plot_titles_name_path_device_and_versions(bench, tmp_path, monkeypatch):
+    plot = load("plot")
+    titles = []
+    real = plot.plt.Figure.suptitle
+    monkeypatch.setattr(plot.plt.Figure, "suptitle", lambda self, t, **k: (titles.append(t), real(self, t, **k))[1])
+    csv_path = synthetic_csv(bench, tmp_path / "bench.csv")
+    plot.main([str(csv_path)])
+    assert titles and all("NVIDIA H100 80GB HBM3" in t and "torch" in t and "triton" in t
+                          and "CUDA Triton kernels" in t for t in titles), titles
+
+
+def test_significant_figures():
+    sig = _common.sig
+    assert [sig(x) for x in (0.00123456, 0.5, 12.34, 3021.4, 0)] == ["0.00123", "0.500", "12.3", "3020", "0"]
+    assert sig(None) == "n/a" and sig(float("nan")) == "n/a"
+
+
+def test_memory_harness_measures_a_fresh_child(tmp_path):
+    """The one child-process harness: a child that holds 64 MiB for its step reports about that."""
+    script = tmp_path / "child.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(PERF)!r}); import _common as C\n"
+                      "C.child_result(C.measure_peak(lambda: len(bytearray(64 << 20))))\n")
+    res, err = _common.run_child(script, [])
+    assert err is None and res["value"] == 64 << 20
+    assert res["peak_mib"] is None or 60 <= res["peak_mib"] <= 80, res
+    res, err = _common.run_child(tmp_path / "missing.py", [])
+    assert res is None and "exit status" in err
+
+
+def test_main_job_tiny_on_cpu(capsys):
+    main = load("main")
+    rows = main.main(["--rows", "8", "--vocab", "300", "--repeats", "2", "--warmup", "1",
+                      "--providers", "torch,softmax_ce,softmax_ce fused inplace"])
+    out = capsys.readouterr().out
+    assert main.exit_code(rows) == 0 and [r["provider"] for r in rows] == [
+        "torch", "softmax_ce", "softmax_ce fused inplace"]
+    assert all(r["ms"] > 0 and r["peak_mb"] is not None for r in rows), rows
+    assert "softmax_ce path: Triton interpreter" in out and "median ms" in out
+
+
+def test_cpu_memory_and_linear_memory_tiny():
+    cm, lm = load("cpu_memory"), load("linear_memory")
+    rows = cm.main(["--rows", "16", "--vocab", "512", "--hidden", "8", "--providers", "torch,softmax_ce inplace"])
+    assert [r["result"] for r in rows] == ["ref", "pass*"] or rows[1]["result"] in ("FAIL*",), rows
+    assert all(r["error"] is None and r["path"] == "PyTorch path" for r in rows), rows
+    rows = lm.main(["--rows", "16", "--vocab", "256", "--hidden", "8", "--providers",
+                    "softmax_ce cpu,torch unfused"])
+    assert lm.exit_code(rows) == 0 and rows[0]["path"] == "PyTorch path", rows
