@@ -16,7 +16,11 @@ def recompute_grad(logits, target, weight, row_max, log_d, dlse, alpha, beta, gr
                    prob_target, softcap, inplace):
     """The recompute strategy's backward: d loss / d logits from the forward's saved row
     statistics and coefficients, written over the logits (inplace) or into a new tensor.
-    Shared by CrossEntropyFunction and the vocabulary-parallel function."""
+    Shared by CrossEntropyFunction and the vocabulary-parallel function; first order
+    only (CrossEntropyFunction differentiates twice through _differentiable_grad)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("softmax_ce.cross_entropy: double backward (create_graph=True) is "
+                           "not supported with process_group (vocabulary parallelism)")
     g = grad_loss.to(dlse.dtype)
     dlse = g * dlse
     if grad_lse is not None:
@@ -28,77 +32,246 @@ def recompute_grad(logits, target, weight, row_max, log_d, dlse, alpha, beta, gr
         return logits
     return _ops.bwd(logits, *args)
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """Autograd over (n_rows, n_cols) logits -> (loss_rows, lse), both (n_rows,) fp32.
+
+class CrossEntropyCore(torch.autograd.Function):
+    """Autograd over (n_rows, n_cols) logits -> (loss_rows, lse, row_max, log_d, dlse, extra):
+    the per-row losses and log-sum-exp ((n_rows,) fp32, float64 for float64 logits), then
+    the forward's saved statistics (non-differentiable; callers keep the first two).
 
     grad_mode "recompute": the forward saves the row max m, log d (lse = m + log d)
     and the row coefficients; the backward reads the logits once more and writes the
     gradient scaled by grad_output (3 passes' worth of bytes in all: read, read, write).
-    grad_mode "fused": the forward also writes the gradient for grad_output = 1;
-    the backward rescales it in place, a no-op on the GPU when grad_output == 1.  That
-    in-place rescale means one backward per forward (no retain_graph re-runs, no
-    gradcheck): autograd raises its in-place error on a second one.
+    grad_mode "fused": the forward also writes the gradient for grad_output = 1 (`extra`,
+    or the logits themselves in place); the backward rescales it in place, a no-op on
+    the GPU when grad_output == 1.  That in-place rescale means one backward per forward
+    (no retain_graph re-runs, no gradcheck): autograd raises its in-place error on a
+    second one.  `extra` is otherwise empty, or, fused and in place with a probability
+    target that requires grad, a copy of the logits made before they are overwritten.
     inplace: the gradient is written into the logits' storage; the write bumps the
     logits' version counter (the out-variant op under torch.compile, explicitly in
     eager), so autograd makes any later use of those logits in a backward raise instead
     of reading a gradient as logits.
+
+    Beyond first order (setup_context style, so torch.func works; vmap through the ops'
+    batching rules): a backward that must itself be differentiable (create_graph=True,
+    torch.func.grad / vjp, gradgradcheck) and the forward-mode `jvp` use
+    `_differentiable_grad`, the same gradient in plain PyTorch ops on the saved inputs;
+    grad_mode="fused" and inplace cannot, and raise (`higher_order_error`).  The jvp is
+    CrossEntropyFunction's, this class's subclass.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, logits, target, weight, alpha, beta, zeta, prob_target, softcap,
-                grad_mode, inplace):
+    def forward(logits, target, weight, alpha, beta, zeta, prob_target, softcap, grad_mode,
+                inplace):
         args = (target, weight, alpha, beta, zeta, prob_target, softcap)
+        extra = None
+        if grad_mode == "fused":
+            if inplace:
+                if prob_target and target.requires_grad:
+                    # before the forward overwrites the logits with the gradient
+                    extra = logits.detach().clone()
+                loss, row_max, log_d, dlse = _ops.inplace_fwd_grad(logits, *args)
+            else:
+                loss, row_max, log_d, dlse, extra = _ops.fwd_grad(logits, *args)
+        else:
+            loss, row_max, log_d, dlse = _ops.fwd(logits, *args)
+        if extra is None:
+            extra = row_max.new_empty(0)
+        return loss, row_max + log_d, row_max, log_d, dlse, extra
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, alpha, beta, zeta, prob_target, softcap, grad_mode, inplace = inputs
+        _, lse, row_max, log_d, dlse, extra = output
         ctx.fused = grad_mode == "fused"
         ctx.prob_target, ctx.softcap, ctx.inplace = prob_target, softcap, inplace
         ctx.needs_target_grad = prob_target and ctx.needs_input_grad[1]
-        if ctx.needs_target_grad:
-            # before any in-place variant overwrites the logits with the gradient
-            target_grad_logits = logits.detach().clone()
-        if ctx.fused:
-            if inplace:
-                loss, row_max, log_d, dlse = _ops.inplace_fwd_grad(logits, *args)
-                grad = logits
-            else:
-                loss, row_max, log_d, dlse, grad = _ops.fwd_grad(logits, *args)
-            ctx.save_for_backward(grad)
-        else:
-            loss, row_max, log_d, dlse = _ops.fwd(logits, *args)
-            ctx.save_for_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta)
-        if ctx.needs_target_grad:
-            ctx.target_grad_inputs = (target_grad_logits, row_max, log_d, alpha, weight)
-        lse = row_max + log_d
+        ctx.mark_non_differentiable(row_max, log_d, dlse, extra)
+        # no zero cotangents for the outputs callers drop (`extra` is logits-sized)
+        ctx.set_materialize_grads(False)
         if ctx.fused:
             ctx.mark_non_differentiable(lse)
-        return loss, lse
+            grad = logits if inplace else extra
+            # the logits as the forward read them, for d loss / d target
+            target_logits = (extra if inplace else logits) if ctx.needs_target_grad else None
+            ctx.save_for_backward(grad, target_logits, row_max, log_d, alpha, weight)
+        else:
+            ctx.save_for_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta,
+                                  zeta)
+            ctx.save_for_forward(logits, target, weight, alpha, beta, zeta)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, *_):
+        if grad_loss is None:  # only the lse was used
+            grad_loss = torch.zeros_like(ctx.saved_tensors[4 if ctx.fused else 6])  # alpha
+        if torch.is_grad_enabled():
+            # create_graph=True or a torch.func transform: this gradient is differentiated
+            # again, so it is built from differentiable ops rather than the kernels
+            if ctx.fused or ctx.inplace:
+                raise higher_order_error("double backward (create_graph=True, "
+                                         "gradgradcheck, torch.func.grad/vjp)", ctx.fused)
+            logits, target, weight, _, _, _, alpha, beta, zeta = ctx.saved_tensors
+            grad_logits, grad_target = _differentiable_grad(
+                logits, target, weight, alpha, beta, zeta, grad_loss, grad_lse,
+                ctx.prob_target, ctx.softcap, ctx.needs_input_grad[0], ctx.needs_target_grad)
+            return (grad_logits, grad_target) + (None,) * 8
         grad_logits = grad_target = None
-        if ctx.needs_input_grad[0]:
-            if ctx.fused:
-                (grad_logits,) = ctx.saved_tensors
-                _ops.inplace_scale(grad_logits, grad_loss.float())
-            else:
-                grad_logits = recompute_grad(*ctx.saved_tensors, grad_loss, grad_lse,
-                                             ctx.prob_target, ctx.softcap, ctx.inplace)
-        if ctx.needs_target_grad:
-            grad_target = _probability_target_grad(ctx, grad_loss)
-        return grad_logits, grad_target, None, None, None, None, None, None, None, None
+        if ctx.fused:
+            grad, target_logits, row_max, log_d, alpha, weight = ctx.saved_tensors
+            if ctx.needs_target_grad:
+                grad_target = _probability_target_grad(target_logits, row_max, log_d, alpha,
+                                                       weight, grad_loss, ctx.softcap)
+            if ctx.needs_input_grad[0]:
+                _ops.inplace_scale(grad, grad_loss.float())
+                grad_logits = grad
+        else:
+            logits, target, weight, row_max, log_d, dlse, alpha, beta, _ = ctx.saved_tensors
+            if ctx.needs_target_grad:
+                # before an in-place backward overwrites the logits
+                grad_target = _probability_target_grad(logits, row_max, log_d, alpha, weight,
+                                                       grad_loss, ctx.softcap)
+            if ctx.needs_input_grad[0]:
+                grad_logits = recompute_grad(logits, target, weight, row_max, log_d, dlse, alpha,
+                                             beta, grad_loss, grad_lse, ctx.prob_target,
+                                             ctx.softcap, ctx.inplace)
+        return (grad_logits, grad_target) + (None,) * 8
 
-def _probability_target_grad(ctx, grad_loss):
+
+class CrossEntropyFunction(CrossEntropyCore):
+    """CrossEntropyCore with forward-mode AD: what eager code runs.  torch.compile traces
+    CrossEntropyCore instead (`cross_entropy_function`): Dynamo refuses a custom jvp."""
+
+    @staticmethod
+    def jvp(ctx, t_logits, t_target, *_):
+        """Forward mode: the loss's tangent is sum_c (d loss / d z_c) v_c per row (the
+        gradient for grad_output = 1, options' coefficients and softcap slope included),
+        plus alpha * sum_c w_c (lse - z'_c) dy_c for a probability target; the lse's is
+        sum_c s_c (dz'_c / dz_c) v_c."""
+        if ctx.fused:
+            raise higher_order_error("forward-mode AD (torch.func.jvp, "
+                                     "torch.autograd.forward_ad)", True)
+        logits, target, weight, alpha, beta, zeta = ctx.saved_tensors
+        zc, slope, lse, s = _softmax_parts(logits, alpha.dtype, ctx.softcap)
+        t_loss = t_lse = None
+        if t_logits is not None:
+            v = t_logits.to(alpha.dtype)
+            ones = torch.ones_like(alpha)
+            grad, _ = _differentiable_grad(logits, target, weight, alpha, beta, zeta, ones, None,
+                                           ctx.prob_target, ctx.softcap, True, False,
+                                           parts=(zc, slope, lse, s))
+            t_loss = (grad * v).sum(dim=1)
+            sv = s * v if slope is None else s * slope * v
+            t_lse = sv.sum(dim=1)
+        if ctx.prob_target and t_target is not None:
+            dy = alpha[:, None] * (lse[:, None] - zc)
+            if weight is not None:
+                dy = dy * weight
+            t_y = (dy * t_target.to(alpha.dtype)).sum(dim=1)
+            t_loss = t_y if t_loss is None else t_loss + t_y
+        if t_loss is None:
+            t_loss = torch.zeros_like(alpha)
+        if t_lse is None:
+            t_lse = torch.zeros_like(alpha)
+        return t_loss, t_lse, None, None, None, None
+
+
+def cross_entropy_function():
+    """The Function a call runs: CrossEntropyFunction, or CrossEntropyCore under torch.compile."""
+    return CrossEntropyCore if torch.compiler.is_compiling() else CrossEntropyFunction
+
+
+def higher_order_error(what, fused):
+    mode = ('grad_mode="fused" (its gradient is written by the forward and only rescaled)'
+            if fused else
+            "inplace_backward=True (its gradient overwrites the logits)")
+    return RuntimeError(f"softmax_ce.cross_entropy: {what} is not supported with {mode}; "
+                        f"use the default grad_mode=\"recompute\" with inplace_backward=False")
+
+
+def _softmax_parts(logits, dtype, softcap):
+    """(z', dz'/dz or None, lse, softmax) of a row block, in differentiable PyTorch ops.
+    The softcap's slope is sech^2(z / softcap) as 4 e / (1 + e)^2, e = exp(-2|z / softcap|),
+    as the kernels write it (1 - tanh^2 cancels to 0 for large |z|)."""
+    z = logits.to(dtype)
+    slope = None
+    if softcap is not None:
+        u = z / softcap
+        e = torch.exp(-2.0 * u.abs())
+        slope = 4.0 * e / (1.0 + e) ** 2
+        z = softcap * torch.tanh(u)
+    lse = torch.logsumexp(z, dim=1)
+    s = torch.exp(z - lse[:, None])
+    return z, slope, lse, s
+
+
+def _differentiable_grad(logits, target, weight, alpha, beta, zeta, grad_loss, grad_lse,
+                         prob_target, softcap, need_logits, need_target, parts=None):
+    """(d loss / d logits, d loss / d target) for the per-row losses' cotangent grad_loss
+    (and the lse's, grad_lse), in plain differentiable PyTorch ops, so that they can be
+    differentiated again (the Hessian-vector product of softmax cross-entropy,
+    c * s * (v - sum(s * v)) per row, chained through the softcap) and batched by vmap.
+    The formula of the kernels (see README, "The math"):
+        d loss_i / d z'_i = (alpha_i S_i + beta_i W + 2 zeta_i lse_i) s_i - alpha_i y~_i - beta_i w
+    with S_i = sum_c w_c y_ic and y~ = w * y for probability targets (S_i = 1 and y~ the one-hot
+    target for class indices), W = sum_c w_c; rows whose coefficients are all 0 get 0."""
+    dt = alpha.dtype
+    zc, slope, lse, s = parts if parts is not None else _softmax_parts(logits, dt, softcap)
+    n_cols = zc.shape[1]
+    g = grad_loss.to(dt)
+    ga = g * alpha
+    grad_logits = grad_target = None
+    if need_logits:
+        if prob_target:
+            wy = target.to(dt) if weight is None else target.to(dt) * weight
+            coef = ga * wy.sum(dim=1)
+            sub = ga[:, None] * wy
+        else:
+            # ignored rows have alpha = 0: any in-range column will do for them
+            cols = torch.where((target >= 0) & (target < n_cols), target, 0).long()[:, None]
+            sub = torch.zeros_like(s).scatter(1, cols, ga[:, None])
+            coef = ga
+        active = alpha != 0
+        if beta is not None:
+            gb = g * beta
+            coef = coef + gb * (weight.sum() if weight is not None else float(n_cols))
+            sub = sub + gb[:, None] * (weight if weight is not None else 1.0)
+            active = active | (beta != 0)
+        if zeta is not None:
+            coef = coef + 2.0 * g * zeta * lse
+        if grad_lse is not None:
+            coef = coef + grad_lse.to(dt)
+            active = active | (grad_lse != 0)
+        grad = coef[:, None] * s - sub
+        if slope is not None:
+            grad = grad * slope
+        # as the kernels: a row with nothing to contribute is 0, even where its logits are nan
+        grad_logits = torch.where(active[:, None], grad, 0.0).to(logits.dtype)
+    if need_target:
+        grad_target = ga[:, None] * (lse[:, None] - zc)
+        if weight is not None:
+            grad_target = grad_target * weight
+        grad_target = grad_target.to(target.dtype)
+    return grad_logits, grad_target
+
+
+def _probability_target_grad(logits, row_max, log_d, alpha, weight, grad_loss, softcap):
     """d loss / d y for probability targets: alpha * w * (lse - z').  Rare, so plain PyTorch."""
-    logits, row_max, log_d, alpha, weight = ctx.target_grad_inputs
     z = logits.to(row_max.dtype)
-    if ctx.softcap is not None:
-        z = ctx.softcap * torch.tanh(z / ctx.softcap)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     g = (grad_loss.to(row_max.dtype) * alpha)[:, None] * ((row_max[:, None] - z) + log_d[:, None])
     return g * weight if weight is not None else g
+
 
 def linear_recompute_grads(params, x, weight, bias, target, class_weight, row_max, log_d, dlse,
                            alpha, beta, grad_loss, grad_lse, need_dx, need_dw, need_db):
     """The linear cross-entropy's recomputing backward: (dx, dw, db) from the forward's row
     statistics and coefficients scaled by grad_output (plus the lse's own gradient), by
     params.impl.  Shared by LinearCrossEntropyFunction and the vocabulary-parallel one."""
+    if torch.is_grad_enabled():
+        raise linear_higher_order_error("double backward (create_graph=True, gradgradcheck)")
     g = grad_loss.to(dlse.dtype)
     if g.dim() == 0:
         g = g.expand(dlse.shape)
@@ -110,6 +283,13 @@ def linear_recompute_grads(params, x, weight, bias, target, class_weight, row_ma
     if params.impl == "fused":
         return _ops.lce_bwd(*args, params.filter_eps)
     return _ops.lce_chunked_bwd(*args, params.chunk_rows, params.accum_dtype)
+
+
+def linear_higher_order_error(what):
+    return RuntimeError(
+        f"softmax_ce.linear_cross_entropy: {what} is not supported (first-order gradients "
+        f"only); for it, compute cross_entropy(F.linear(input, weight, bias), target) "
+        f"with softmax_ce.cross_entropy, which supports it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +352,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
+        if torch.is_grad_enabled():
+            # the gradients come from kernels (or from the forward) with no graph of their
+            # own: differentiating them again would give zeros, so refuse
+            raise linear_higher_order_error("double backward (create_graph=True, gradgradcheck)")
         p = ctx.params
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.precomputed:
@@ -202,3 +386,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 dw.to(w_dtype) if need_dw else None,
                 db.to(b_dtype) if need_db else None,
                 None, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise linear_higher_order_error("forward-mode AD (torch.func.jvp, "
+                                        "torch.autograd.forward_ad)")

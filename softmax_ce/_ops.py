@@ -282,3 +282,50 @@ def inplace_scale(grad, scale):
     else:
         _launch.scale_(grad, scale)
         torch.autograd.graph.increment_version(grad)
+
+
+# ----------------------------------------------------------------------------
+# Batching rules (torch.func.vmap): a batch of row blocks is one longer row block
+# ----------------------------------------------------------------------------
+#
+# Every tensor argument of fwd and bwd but the class weights is per row, so vmap over
+# any of them is the op over the batch's rows stacked, B * n_rows of them, cut back
+# into (B, n_rows, ...).  A batch of class weights runs the op once per weight.
+
+def _batched_rows(args, in_dims, batch_size, per_row):
+    """The per-row tensor arguments with the batch stacked into the rows."""
+    out = list(args)
+    for i in per_row:
+        t, d = args[i], in_dims[i]
+        if t is None:
+            continue
+        t = t.movedim(d, 0) if d is not None else t.expand(batch_size, *t.shape)
+        out[i] = t.reshape(batch_size * t.shape[1], *t.shape[2:])
+    return out
+
+
+def _vmap_rule(op, per_row, weight_arg):
+    def rule(info, in_dims, *args):
+        batch_size = info.batch_size
+        if in_dims[weight_arg] is not None:
+            # one call per class-weight vector
+            per_item = []
+            for b in range(batch_size):
+                item = [a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)]
+                res = op(*item)
+                per_item.append(res if isinstance(res, (list, tuple)) else [res])
+            outs = [torch.stack(o) for o in zip(*per_item)]
+            return (outs if isinstance(res, (list, tuple)) else outs[0],
+                    [0] * len(outs) if isinstance(res, (list, tuple)) else 0)
+        n_rows = args[0].shape[1] if in_dims[0] is not None else args[0].shape[0]
+        res = op(*_batched_rows(args, in_dims, batch_size, per_row))
+        if isinstance(res, (list, tuple)):
+            return [r.reshape(batch_size, n_rows, *r.shape[1:]) for r in res], [0] * len(res)
+        return res.reshape(batch_size, n_rows, *res.shape[1:]), 0
+    return rule
+
+
+# fwd(logits, target, weight, alpha, beta, zeta, ...); bwd(logits, target, weight, row_max,
+# log_d, dlse, alpha, beta, ...)
+torch.library.register_vmap(fwd, _vmap_rule(fwd, (0, 1, 3, 4, 5), 2))
+torch.library.register_vmap(bwd, _vmap_rule(bwd, (0, 1, 3, 4, 5, 6, 7), 2))

@@ -14,7 +14,7 @@ from torch.nn import _reduction
 
 from . import _rows as R
 from . import distributed
-from ._autograd import CrossEntropyFunction
+from ._autograd import CrossEntropyFunction, cross_entropy_function, higher_order_error
 from ._rows import GRAD_MODES
 
 
@@ -84,7 +84,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         weight32 = weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
 
     row_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    alpha, beta, zeta, nan_if_empty = R.row_coefficients(
+    alpha, beta, zeta, nan_if_empty = _row_coefficients(
         target2, prob_target, weight32, n_rows, n_classes, ignore_index, reduction,
         label_smoothing, z_loss, row_dtype)
     # The kernels read class weights only where a class other than the target matters.
@@ -93,10 +93,58 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         softcap = float(softcap)
     grad_mode, inplace = R.grad_plan(logits2, grad_mode, bool(inplace_backward))
 
-    loss_rows, lse = CrossEntropyFunction.apply(
+    if (grad_mode == "fused" or inplace) and _under_torch_func(logits2):
+        raise higher_order_error("a torch.func transform (grad, vjp, jvp, vmap)",
+                                 grad_mode == "fused")
+    loss_rows, lse = cross_entropy_function().apply(
         logits2, target2, kernel_weight, alpha, beta, zeta, prob_target, softcap,
-        grad_mode, inplace)
+        grad_mode, inplace)[:2]
     return R.reduce_rows(loss_rows, lse, reduction, nan_if_empty, batch_shape, input.dtype, return_lse)
+
+
+def _row_coefficients(target2, prob_target, weight32, *options):
+    """R.row_coefficients; under torch.func.vmap of class-index targets through
+    _BatchedRowCoefficients, whose class-index range check reads the targets."""
+    if not prob_target and _under_torch_func(target2):
+        return _BatchedRowCoefficients.apply(target2, weight32, *options)
+    return R.row_coefficients(target2, prob_target, weight32, *options)
+
+
+class _BatchedRowCoefficients(torch.autograd.Function):
+    """The row coefficients of class-index targets, computable under torch.func.vmap:
+    the range check (IndexError on CPU) reads the targets, which a vmapped function
+    cannot, so the batching rule runs R.row_coefficients on each item's real targets
+    (a mean divides by each item's own weight sum, as a loop over the items would).
+    The outputs carry no gradient: targets are integers, class weights are detached."""
+
+    @staticmethod
+    def forward(target2, weight32, *options):
+        return tuple(R.row_coefficients(target2, False, weight32, *options))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*(o for o in output if o is not None))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) * (len(grads) + 7)
+
+    @staticmethod
+    def vmap(info, in_dims, target2, weight32, *options):
+        items = []
+        for b in range(info.batch_size):
+            t = target2.select(in_dims[0], b) if in_dims[0] is not None else target2
+            w = weight32.select(in_dims[1], b) if in_dims[1] is not None else weight32
+            items.append(_row_coefficients(t, False, w, *options))
+        outs = tuple(torch.stack(o) if o[0] is not None else None for o in zip(*items))
+        return outs, tuple(0 if o is not None else None for o in outs)
+
+
+def _under_torch_func(t):
+    """Whether t is a tensor of a torch.func transform (grad, vjp, jvp, vmap); never while
+    torch.compile traces (its tensors are fake, and the check is opaque to it)."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _unwrap_dtensor(input, target, process_group):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _rows as R
 from . import distributed
-from ._autograd import LinearCrossEntropyFunction, LinearParams
+from ._autograd import LinearCrossEntropyFunction, LinearParams, linear_higher_order_error
 
 _API = "linear_cross_entropy"
 
@@ -89,6 +89,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if impl not in IMPLS:
         R.fail(ValueError, f"impl={impl!r} is not one of {IMPLS}", _API)
     input_w, bias, process_group = _unwrap_dtensor_head(linear_weight, linear_bias, process_group)
+    if not torch.compiler.is_compiling() and any(
+            isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+            for t in (input, input_w, bias, target)):
+        raise linear_higher_order_error("a torch.func transform (grad, vjp, jvp, vmap)")
     R.check_linear_inputs(input, input_w, target, bias, shift, _API)
     device_type = input.device.type
     out_dtype = input.dtype
