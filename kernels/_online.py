@@ -102,14 +102,26 @@ def edge_cols(n_head, n_body, n_cols, VEC: tl.constexpr, WIDE_COLS: tl.constexpr
 
 
 @triton.jit
-def load_logits(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
-    """One tile of logits as fp32, softcapped when asked; lanes off the mask are -inf."""
-    z = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+def transform(z, mask, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """The logits the softmax sees, z'' = softcap(z) / temperature, from raw fp32 logits
+    whose lanes off the mask are -inf (they stay -inf).
+
+    The softcap comes first: it belongs to the model (Gemma 2 caps its head's output),
+    the temperature to how that output is read (sampling, distillation, RL), so
+    softcap(z) / T is the temperature applied to the model's own logits.  inv_temp is
+    1.0 without a temperature, and z * 1.0 is z exactly."""
     if HAS_SOFTCAP:
         z, _ = softcap_slope(z, softcap)
         # tanh(-inf / cap) = -1 would turn the padding lanes into -cap
         z = tl.where(mask, z, float("-inf"))
-    return z
+    return z * inv_temp
+
+
+@triton.jit
+def load_logits(ptrs, mask, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """One tile of logits as z'' = softcap(z) / T in fp32; lanes off the mask are -inf."""
+    z = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    return transform(z, mask, softcap, inv_temp, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -127,32 +139,108 @@ def online_softmax_update(m, d, z):
 
 
 @triton.jit
+def online_entropy_update(m, d, q, s, z, cols):
+    """online_softmax_update that also keeps, for the entropy H = log d - s / d:
+
+    q = d - 1, the sum of e^(z - m) over every logit but one at the max.  A confident
+        row has d = 1 + q with q far below fp32's 6e-8 resolution near 1, so log d from d
+        would be 0 and H would lose its largest-but-one term; log1p(q) keeps it.  When the
+        max moves to m' (inside this tile), d' = d e^(m - m') + sum_tile, and with one
+        lane at m' left out of the tile's sum, q' = (1 + q) e^(m - m') + sum_others: a sum
+        of non-negative terms, with no 1 - 1 cancellation.
+    s = sum e^(z - m) (z - m), the first moment about the running max.  When the max
+        moves, each old term e^(z-m) (z-m) becomes e^(m-m') e^(z-m') ((z-m') - (m-m')),
+        so s <- e^(m-m') (s + (m-m') d) before the tile's own terms are added.
+    H = log1p(q) - s / (1 + q) is then a sum of two non-negative terms, with no
+    cancellation, where lse - sum(s z) would subtract two nearly equal numbers.
+
+    cols: the tile's column indices (to leave out one lane at the max).  Returns (m', d',
+    q', s', the tile's e^(z - m'), m' as `shift` (0 while every logit is -inf), and
+    e^(m - m')), for a caller that weights other sums by the same probabilities (the
+    teacher's soft targets)."""
+    t_max = tl.max(z, axis=0)
+    m_new = tl.maximum(m, t_max)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - shift)
+    s = scale * (s + tl.where(d == 0.0, 0.0, (m - shift) * d))
+    e = tl.exp(z - shift)
+    d = d * scale + tl.sum(e, axis=0)
+    new_max = t_max > m
+    first = tl.min(tl.where(z == m_new, cols, 2147483647), axis=0)
+    others = tl.sum(tl.where(cols == first, 0.0, e), axis=0)
+    q = tl.where(new_max, (1.0 + q) * scale + others, q + tl.sum(e, axis=0))
+    # a -inf logit has e = 0: its term is 0, not 0 * -inf
+    s += tl.sum(tl.where(e > 0.0, e * (z - shift), 0.0), axis=0)
+    return m_new, d, q, s, e, shift, scale
+
+
+@triton.jit
+def log1p(q):
+    """log(1 + q), accurate for small q (the interpreter has no libdevice log1p):
+    log(u) * q / (u - 1) with u = 1 + q rounded, which cancels u's rounding error."""
+    u = 1.0 + q
+    return tl.where(u == 1.0, q, tl.log(u) * (q / (u - 1.0)))
+
+
+@triton.jit
+def argmax_update(best, best_col, z, cols, mask):
+    """Fold a tile of raw logits into the running (max, its first column), as torch.argmax
+    picks: the largest value, a nan above everything, and among equals the lowest column.
+    Tiles may come in any column order (a row's edge columns are walked after its body),
+    so ties are settled by the column, not by which tile came first."""
+    is_nan = (z != z) & mask
+    any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
+    zk = tl.where(is_nan, float("-inf"), z)
+    t_max = tl.max(zk, axis=0)
+    hit = tl.where(any_nan, is_nan, (zk == t_max) & mask)
+    t_col = tl.min(tl.where(hit, cols, 2147483647), axis=0).to(tl.int32)
+    t_val = tl.where(any_nan, float("nan"), t_max)
+    best_nan = best != best
+    take = (any_nan & (~best_nan | (t_col < best_col))) | (
+        ~best_nan & ~any_nan & ((t_max > best) | ((t_max == best) & (t_col < best_col))))
+    return tl.where(take, t_val, best), tl.where(take, t_col, best_col)
+
+
+@triton.jit
 def grad_tile(
     z, cols, mask, active,                # this tile's raw logits (fp32), their column indices; is the row live
     weight_ptr,                           # (n_cols,) fp32 class weights
-    tgt_row_ptr, stride_tgt_col, target,  # probability row, or the class index
+    tgt_row_ptr, stride_tgt_col, target,  # probability (or teacher logit) row, or the class index
     row_max, log_d, dlse, alpha, beta, softcap,   # per-row fp32 scalars
+    inv_temp,                             # 1 / temperature (1.0 without one)
+    t_max, t_log_d,                       # the teacher row's max and log sum-exp of t / T  [TEACHER]
+    ent_grad, ent_mean,                   # d loss / d entropy, and sum s z''  [HAS_ENT_GRAD]
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    TEACHER: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
 ):
     """d loss / d z for one tile of logits already in registers, in fp32.
 
-    With z' = softcap(z), s = softmax(z') = exp((z' - m) - log d), lse = m + log d.
+    With z'' = softcap(z) / T, s = softmax(z'') = exp((z'' - m) - log d), lse = m + log d.
     m and log d are kept apart: rounding lse itself to fp32 would cost about 1e-3
     relative error in s for rows whose logits are near +-1e4.
-        d/dz' = dlse * s - alpha * onehot(target) - beta * w          (class index)
-        d/dz' = dlse * s - alpha * w * y          - beta * w          (probabilities)
-        d/dz  = d/dz' * sech^2(z / softcap)                              (softcap)
-    dlse, alpha and beta already hold the reduction's scale and grad_output.
+        d/dz'' = dlse * s - alpha * onehot(target) - beta * w         (class index)
+        d/dz'' = dlse * s - alpha * w * y          - beta * w         (probabilities)
+               y = exp(t / T - t_max - t_log_d)                         (teacher logits t)
+        d/dz'' += ent_grad * s * (sum(s z'') - z'')                     (entropy's gradient)
+        d/dz  = d/dz'' * sech^2(z / softcap) / T                        (softcap, temperature)
+    dlse, alpha, beta and ent_grad already hold the reduction's scale and grad_output.
     The subtraction is done in fp32 and rounded once on store, so the target
     entry s - 1 (about -1e-3 for a confident model) keeps its precision in bf16.
     """
     if HAS_SOFTCAP:
         z, slope = softcap_slope(z, softcap)
-    g = dlse * tl.exp((z - row_max) - log_d)
+    z = z * inv_temp
+    if HAS_ENT_GRAD:
+        g = (dlse + ent_grad * (ent_mean - z)) * tl.exp((z - row_max) - log_d)
+    else:
+        g = dlse * tl.exp((z - row_max) - log_d)
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    if PROB_TARGET:
+    if TEACHER:
+        t = tl.load(tgt_row_ptr + cols * stride_tgt_col, mask=mask, other=float("-inf"))
+        g -= alpha * tl.exp((t.to(tl.float32) * inv_temp - t_max) - t_log_d)
+    elif PROB_TARGET:
         y = tl.load(tgt_row_ptr + cols * stride_tgt_col, mask=mask, other=0.0).to(tl.float32)
         if HAS_WEIGHT:
             y = y * w
@@ -166,16 +254,20 @@ def grad_tile(
             g -= beta
     if HAS_SOFTCAP:
         g = g * slope
+    g = g * inv_temp
     # an ignored row's gradient is 0, even where its (unread) logits were nan
     return tl.where(active, g, 0.0)
 
 
 @triton.jit
-def row_active(dlse, alpha, beta, HAS_SMOOTHING: tl.constexpr):
+def row_active(dlse, alpha, beta, ent_grad, HAS_SMOOTHING: tl.constexpr,
+               HAS_ENT_GRAD: tl.constexpr):
     """A row whose coefficients are all 0 (ignored, or grad_output 0) has a zero gradient."""
     active = (dlse != 0.0) | (alpha != 0.0)
     if HAS_SMOOTHING:
         active = active | (beta != 0.0)
+    if HAS_ENT_GRAD:
+        active = active | (ent_grad != 0.0)
     return active
 
 
@@ -185,10 +277,12 @@ def write_grad_row(
     grad_ptr, gfirst, stride_grad_col,    # the gradient, alike
     weight_ptr, tgt_row_ptr, stride_tgt_col, target, n_cols,
     row_max, log_d, dlse, alpha, beta, softcap,           # per-row fp32 scalars
+    inv_temp, t_max, t_log_d, ent_grad, ent_mean,         # as in grad_tile
     body_lo,                              # first body column to do (the caller did those before)
     BLOCK_V: tl.constexpr, VEC: tl.constexpr, GRAD_VEC: tl.constexpr, WIDE_COLS: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    TEACHER: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
 ):
     """Stream one row's gradient: read each logit once, write each gradient once.
 
@@ -199,7 +293,7 @@ def write_grad_row(
     gradient: its logits are not read at all (a masked-off load moves no bytes), only
     zeros are written.  Each tile is read before it is written, so the gradient may be
     the logits (in place)."""
-    active = row_active(dlse, alpha, beta, HAS_SMOOTHING)
+    active = row_active(dlse, alpha, beta, ent_grad, HAS_SMOOTHING, HAS_ENT_GRAD)
     body0, n_head, n_body = row_split(first, n_cols, VEC)
     gbody0 = tl.multiple_of(gfirst + n_head * stride_grad_col, GRAD_VEC)
     n_read = tl.where(active, n_body, 0)
@@ -212,7 +306,8 @@ def write_grad_row(
         g = grad_tile(z, n_head + j, read, active,
                       weight_ptr, tgt_row_ptr, stride_tgt_col, target,
                       row_max, log_d, dlse, alpha, beta, softcap,
-                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                      inv_temp, t_max, t_log_d, ent_grad, ent_mean,
+                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, TEACHER, HAS_ENT_GRAD)
         tl.store(grad_ptr + gbody0 + j * stride_grad_col,
                  to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)
     if n_body < n_cols:
@@ -222,6 +317,7 @@ def write_grad_row(
         g = grad_tile(z, cols, read, active,
                       weight_ptr, tgt_row_ptr, stride_tgt_col, target,
                       row_max, log_d, dlse, alpha, beta, softcap,
-                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                      inv_temp, t_max, t_log_d, ent_grad, ent_mean,
+                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, TEACHER, HAS_ENT_GRAD)
         tl.store(grad_ptr + gfirst + cols * stride_grad_col,
                  to_store_dtype(g, grad_ptr.dtype.element_ty), mask=mask)

@@ -50,8 +50,9 @@ Layer: kernels; imports _online only.  Launched by softmax_ce._triton_path.
 import triton
 import triton.language as tl
 
-from ._online import (edge_cols, grad_tile, lanes, load_logits, online_softmax_update,
-                      row_active, row_split, softcap_slope, to_store_dtype, write_grad_row)
+from ._online import (argmax_update, edge_cols, grad_tile, lanes, load_logits, log1p,
+                      online_entropy_update, online_softmax_update, row_active, row_split,
+                      to_store_dtype, transform, write_grad_row)
 
 
 def interpreting() -> bool:
@@ -136,48 +137,69 @@ def interpreter_block(n_cols: int) -> int:
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _stats_tile(m, d, s_w, s_wz, s_wy, s_wyz, z, cols, mask, pivot,
-                weight_ptr, tgt_row, stride_target_col,
+def _stats_tile(m, d, s_w, s_wz, s_wy, s_wyz, z_raw, cols, mask, pivot,
+                ent_q, ent_s, best, best_col, t_m, t_d, t_q, t_s, t_sz,
+                weight_ptr, tgt_row, stride_target_col, softcap, inv_temp,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                HAS_SMOOTHING: tl.constexpr):
-    """ce_fwd_kernel's pass 1 over one tile of z' (lanes off the mask -inf): the online
-    (m, d) and the linear sums."""
-    m, d = online_softmax_update(m, d, z)
-    if HAS_SMOOTHING or PROB_TARGET:
+                HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                WRITE_TOKEN_STATS: tl.constexpr, TEACHER: tl.constexpr):
+    """ce_fwd_kernel's pass 1 over one tile of raw logits (lanes off the mask -inf): the
+    online (m, d) of z'' = softcap(z) / T, the linear sums, and on request the entropy's
+    moment and the argmax (of the raw logits, as torch.argmax of the input), or the
+    teacher's online statistics and the student's sum under the teacher's softmax."""
+    if WRITE_TOKEN_STATS:
+        best, best_col = argmax_update(best, best_col, z_raw, cols, mask)
+    z = transform(z_raw, mask, softcap, inv_temp, HAS_SOFTCAP)
+    if WRITE_TOKEN_STATS:
+        m, d, ent_q, ent_s, _, _, _ = online_entropy_update(m, d, ent_q, ent_s, z, cols)
+    else:
+        m, d = online_softmax_update(m, d, z)
+    if HAS_SMOOTHING:
         zc = tl.where(mask, z - pivot, 0.0)
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                s_w += tl.sum(w, axis=0)
-                s_wz += tl.sum(w * zc, axis=0)
-            else:
-                s_wz += tl.sum(zc, axis=0)
-        if PROB_TARGET:
-            y = tl.load(tgt_row + cols * stride_target_col, mask=mask, other=0.0).to(tl.float32)
-            if HAS_WEIGHT:
-                y = y * w
-            s_wy += tl.sum(y, axis=0)
-            # y = 0 on a masked (-inf) logit contributes 0, not 0 * -inf
-            s_wyz += tl.sum(tl.where(y != 0.0, y * zc, 0.0), axis=0)
-    return m, d, s_w, s_wz, s_wy, s_wyz
+            s_w += tl.sum(w, axis=0)
+            s_wz += tl.sum(w * zc, axis=0)
+        else:
+            s_wz += tl.sum(zc, axis=0)
+    if TEACHER:
+        # soft targets y = softmax(t / T), never formed: the teacher's own online (max,
+        # sum) t_m, t_d, its moment t_s (for its entropy, KL), and t_sz = sum e^(t/T - t_m)
+        # (z'' - pivot), all rescaled together when the teacher's max moves.
+        t = tl.load(tgt_row + cols * stride_target_col, mask=mask, other=float("-inf"))
+        t = t.to(tl.float32) * inv_temp
+        t_m, t_d, t_q, t_s, e, _, scale = online_entropy_update(t_m, t_d, t_q, t_s, t, cols)
+        # y > 0 on a -inf student logit makes the loss inf, as it should; y = 0 adds 0
+        t_sz = t_sz * scale + tl.sum(tl.where(e > 0.0, e * (z - pivot), 0.0), axis=0)
+    elif PROB_TARGET:
+        zc = tl.where(mask, z - pivot, 0.0)
+        y = tl.load(tgt_row + cols * stride_target_col, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            y = y * tl.load(weight_ptr + cols, mask=mask, other=0.0)
+        s_wy += tl.sum(y, axis=0)
+        # y = 0 on a masked (-inf) logit contributes 0, not 0 * -inf
+        s_wyz += tl.sum(tl.where(y != 0.0, y * zc, 0.0), axis=0)
+    return m, d, s_w, s_wz, s_wy, s_wyz, ent_q, ent_s, best, best_col, t_m, t_d, t_q, t_s, t_sz
 
 
 @triton.jit
 def ce_fwd_kernel(
     # pointers
     logits_ptr,        # (n_rows, n_cols) fp32 / bf16 / fp16
-    target_ptr,        # (n_rows,) int class index, or (n_rows, n_cols) probabilities
+    target_ptr,        # (n_rows,) int class index, or (n_rows, n_cols) probabilities / teacher logits
     weight_ptr,        # (n_cols,) fp32 class weights          [HAS_WEIGHT]
     alpha_ptr,         # (n_rows,) fp32 target-term coefficient
     beta_ptr,          # (n_rows,) fp32 smoothing coefficient   [HAS_SMOOTHING]
     zeta_ptr,          # (n_rows,) fp32 z-loss coefficient      [HAS_ZLOSS]
     loss_ptr,          # (n_rows,) fp32 out: loss of each row, coefficients applied
-    row_max_ptr,           # (n_rows,) fp32 out: m, the row max of z' (0 for an all -inf row)
-    log_d_ptr,          # (n_rows,) fp32 out: log d; lse = m + log d, kept apart for precision
+    row_max_ptr,       # (n_rows,) fp32 out: m, the row max of z'' (0 for an all -inf row)
+    log_d_ptr,         # (n_rows,) fp32 out: log d; lse = m + log d, kept apart for precision
     dlse_ptr,          # (n_rows,) fp32 out: d loss_row / d lse
     grad_ptr,          # (n_rows, n_cols) out: d loss / d z    [WRITE_GRAD]; may alias logits
     stats_ptr,         # (n_rows, 3) fp32 out: target term, smoothing term, sum w*y  [WRITE_STATS]
+    entropy_ptr,       # (n_rows,) fp32 out: entropy of softmax(z'')        [WRITE_TOKEN_STATS]
+    argmax_ptr,        # (n_rows,) int64 out: argmax of the raw logits      [WRITE_TOKEN_STATS]
+    teacher_ptr,       # (n_rows, 2) fp32 out: the teacher's max and log d of t / T  [TEACHER]
     # sizes
     n_cols,
     # strides (in elements)
@@ -186,6 +208,7 @@ def ce_fwd_kernel(
     stride_grad_row, stride_grad_col,
     # runtime scalars
     softcap,           # fp32, read when HAS_SOFTCAP
+    inv_temp,          # fp32, 1 / temperature (1.0 without one)
     # compile-time constants
     BLOCK_V: tl.constexpr,
     PROB_TARGET: tl.constexpr,
@@ -199,6 +222,9 @@ def ce_fwd_kernel(
     GRAD_VEC: tl.constexpr,  # VEC if the gradient's rows sit on the 16-byte grid alike, else 1
     WIDE_COLS: tl.constexpr,  # column offsets need int64 (a column stride >= 2**31 / n_cols)
     ONE_TILE: tl.constexpr = False,  # WRITE_GRAD and n_cols <= BLOCK_V: read the row once
+    WRITE_TOKEN_STATS: tl.constexpr = False,  # entropy and argmax of each row
+    TEACHER: tl.constexpr = False,     # target_ptr holds teacher logits (PROB_TARGET set too)
+    TEACHER_KL: tl.constexpr = False,  # the target term is KL(y || s), not the cross-entropy
 ):
     row = tl.program_id(0).to(tl.int64)
     first = row * stride_logits_row
@@ -218,13 +244,14 @@ def ce_fwd_kernel(
     if not PROB_TARGET:
         target = tl.load(tgt_row).to(tl.int64)
 
-    # The linear sums (sum w*z', sum w*y*z') are taken about a per-row reference
-    # point `pivot` (the first tile's max) so that W*lse - sum(w*z') does not
+    # The linear sums (sum w*z'', sum w*y*z'') are taken about a per-row reference
+    # point `pivot` (the first tile's max) so that W*lse - sum(w*z'') does not
     # cancel catastrophically for rows far from 0 (e.g. every logit near -1e4).
     NEED_SUMS: tl.constexpr = HAS_SMOOTHING or PROB_TARGET
     pivot = 0.0
     if NEED_SUMS:
-        z0 = load_logits(logits_row + lane * stride_logits_col, lane < n_cols, softcap, HAS_SOFTCAP)
+        z0 = load_logits(logits_row + lane * stride_logits_col, lane < n_cols, softcap, inv_temp,
+                         HAS_SOFTCAP)
         pivot = tl.max(z0, axis=0)
         pivot = tl.where((pivot == float("-inf")) | (pivot != pivot), 0.0, pivot)
 
@@ -234,9 +261,18 @@ def ce_fwd_kernel(
     m = float("-inf")
     d = 0.0
     s_w = 0.0      # sum w           (smoothing with weights)
-    s_wz = 0.0     # sum w (z' - pivot)
+    s_wz = 0.0     # sum w (z'' - pivot)
     s_wy = 0.0     # sum w y         (probability targets)
-    s_wyz = 0.0    # sum w y (z' - pivot)
+    s_wyz = 0.0    # sum w y (z'' - pivot)
+    ent_q = -1.0   # d - 1, kept apart (see online_entropy_update)  [WRITE_TOKEN_STATS]
+    ent_s = 0.0    # sum e^(z'' - m) (z'' - m)            [WRITE_TOKEN_STATS]
+    best = float("-inf")  # running argmax: value and column [WRITE_TOKEN_STATS]
+    best_col = 0
+    t_m = float("-inf")   # the teacher's running max, sum, moment [TEACHER]
+    t_d = 0.0
+    t_q = -1.0
+    t_s = 0.0
+    t_sz = 0.0     # sum e^(t/T - t_m) (z'' - pivot)       [TEACHER]
     body0, n_head, n_body = row_split(first, n_cols, VEC)
     body_lo = 0
     if ONE_TILE:
@@ -247,48 +283,65 @@ def ce_fwd_kernel(
         j = lane
         z0_raw = tl.load(logits_ptr + body0 + j * stride_logits_col, mask=j < n_body,
                          other=float("-inf")).to(tl.float32)
-        z0 = z0_raw
-        if HAS_SOFTCAP:
-            z0, _ = softcap_slope(z0_raw, softcap)
-            z0 = tl.where(j < n_body, z0, float("-inf"))
-        m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
-            m, d, s_w, s_wz, s_wy, s_wyz, z0, n_head + j, j < n_body, pivot,
-            weight_ptr, tgt_row, stride_target_col, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+        m, d, s_w, s_wz, s_wy, s_wyz, ent_q, ent_s, best, best_col, t_m, t_d, t_q, t_s, t_sz = _stats_tile(
+            m, d, s_w, s_wz, s_wy, s_wyz, z0_raw, n_head + j, j < n_body, pivot,
+            ent_q, ent_s, best, best_col, t_m, t_d, t_q, t_s, t_sz,
+            weight_ptr, tgt_row, stride_target_col, softcap, inv_temp,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TOKEN_STATS, TEACHER)
         body_lo = BLOCK_V
     for start in range(body_lo, n_body, BLOCK_V):
         j = start + lane
-        z = load_logits(logits_ptr + body0 + j * stride_logits_col, j < n_body, softcap,
-                        HAS_SOFTCAP)
-        m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
+        z = tl.load(logits_ptr + body0 + j * stride_logits_col, mask=j < n_body,
+                    other=float("-inf")).to(tl.float32)
+        m, d, s_w, s_wz, s_wy, s_wyz, ent_q, ent_s, best, best_col, t_m, t_d, t_q, t_s, t_sz = _stats_tile(
             m, d, s_w, s_wz, s_wy, s_wyz, z, n_head + j, j < n_body, pivot,
-            weight_ptr, tgt_row, stride_target_col, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+            ent_q, ent_s, best, best_col, t_m, t_d, t_q, t_s, t_sz,
+            weight_ptr, tgt_row, stride_target_col, softcap, inv_temp,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TOKEN_STATS, TEACHER)
     if n_body < n_cols:
         cols, mask = edge_cols(n_head, n_body, n_cols, VEC, WIDE_COLS)
-        z = load_logits(logits_row + cols * stride_logits_col, mask, softcap, HAS_SOFTCAP)
-        m, d, s_w, s_wz, s_wy, s_wyz = _stats_tile(
+        z = tl.load(logits_row + cols * stride_logits_col, mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        m, d, s_w, s_wz, s_wy, s_wyz, ent_q, ent_s, best, best_col, t_m, t_d, t_q, t_s, t_sz = _stats_tile(
             m, d, s_w, s_wz, s_wy, s_wyz, z, cols, mask, pivot,
-            weight_ptr, tgt_row, stride_target_col, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+            ent_q, ent_s, best, best_col, t_m, t_d, t_q, t_s, t_sz,
+            weight_ptr, tgt_row, stride_target_col, softcap, inv_temp,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TOKEN_STATS, TEACHER)
 
     row_max = tl.where(m == float("-inf"), 0.0, m)
     log_d = tl.log(d)
     lse = row_max + log_d
 
     # ---- the row's loss terms, loss and d loss / d lse ----------------------
-    # target term: lse - z'_t, or sum w y (lse - z') for probabilities
-    if PROB_TARGET:
+    # target term: lse - z''_t, or sum w y (lse - z'') for probabilities
+    t_max = 0.0
+    t_log_d = 0.0
+    if TEACHER:
+        # sum y = 1: lse - sum y z'' = (m - pivot) + log d - t_sz / t_d
+        t_max = tl.where(t_m == float("-inf"), 0.0, t_m)
+        t_log_d = tl.log(t_d)
+        target_term = ((row_max - pivot) + log_d) - t_sz / t_d
+        if TEACHER_KL:
+            # KL = CE - H(y), H(y) = log1p(t_q) - t_s / t_d
+            target_term -= log1p(t_q) - t_s / t_d
+        s_wy = 1.0
+        dlse = alpha
+        tl.store(teacher_ptr + row * 2, t_max)
+        tl.store(teacher_ptr + row * 2 + 1, t_log_d)
+    elif PROB_TARGET:
         target_term = ((row_max - pivot) + log_d) * s_wy - s_wyz
         dlse = alpha * s_wy
     else:
         in_range = (target >= 0) & (target < n_cols)
         z_t = load_logits(logits_row + tl.where(in_range, target, 0) * stride_logits_col,
-                          in_range, softcap, HAS_SOFTCAP)
+                          in_range, softcap, inv_temp, HAS_SOFTCAP)
         z_t = tl.where(in_range, z_t, row_max)  # a target elsewhere: keep the math finite
         # (m - z_t) + log d rather than lse - z_t: exact when z_t is the max,
         # which keeps a confident model's small loss accurate
         target_term = (row_max - z_t) + log_d
         dlse = alpha
     loss = tl.where(alpha != 0.0, alpha * target_term, 0.0)
-    # smoothing term: sum w (lse - z')
+    # smoothing term: sum w (lse - z'')
     smooth_term = 0.0
     if HAS_SMOOTHING:
         W = n_cols * 1.0
@@ -310,6 +363,10 @@ def ce_fwd_kernel(
         tl.store(stats_ptr + row * 3, target_term)
         tl.store(stats_ptr + row * 3 + 1, smooth_term)
         tl.store(stats_ptr + row * 3 + 2, s_wy)
+    if WRITE_TOKEN_STATS:
+        # H = -sum s log s = log d - sum s (z'' - m), log d = log1p(d - 1)
+        tl.store(entropy_ptr + row, log1p(ent_q) - ent_s / d)
+        tl.store(argmax_ptr + row, best_col.to(tl.int64))
 
     # ---- pass 2 (fused strategy): the gradient for grad_output = 1 ---------
     if WRITE_GRAD:
@@ -317,11 +374,12 @@ def ce_fwd_kernel(
         if ONE_TILE:
             # the whole body is in registers (z0_raw): no second read of it
             j = lane
-            active = row_active(dlse, alpha, beta, HAS_SMOOTHING)
+            active = row_active(dlse, alpha, beta, 0.0, HAS_SMOOTHING, False)
             g = grad_tile(z0_raw, n_head + j, j < tl.where(active, n_body, 0), active,
                           weight_ptr, tgt_row, stride_target_col, target,
                           row_max, log_d, dlse, alpha, beta, softcap,
-                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                          inv_temp, t_max, t_log_d, 0.0, 0.0,
+                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, TEACHER, False)
             gfirst = row * stride_grad_row
             gbody0 = tl.multiple_of(gfirst + n_head * stride_grad_col, GRAD_VEC)
             tl.store(grad_ptr + gbody0 + j * stride_grad_col,
@@ -331,23 +389,26 @@ def ce_fwd_kernel(
         write_grad_row(logits_ptr, first, stride_logits_col,
                        grad_ptr, row * stride_grad_row, stride_grad_col,
                        weight_ptr, tgt_row, stride_target_col, target, n_cols,
-                       row_max, log_d, dlse, alpha, beta, softcap, grad_lo,
+                       row_max, log_d, dlse, alpha, beta, softcap,
+                       inv_temp, t_max, t_log_d, 0.0, 0.0, grad_lo,
                        BLOCK_V, VEC, GRAD_VEC, WIDE_COLS, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
-                       HAS_SOFTCAP)
+                       HAS_SOFTCAP, TEACHER, False)
 
 
 @triton.jit
 def ce_bwd_kernel(
     # pointers
     logits_ptr,        # (n_rows, n_cols) the forward's logits
-    target_ptr,        # (n_rows,) int class index, or (n_rows, n_cols) probabilities
+    target_ptr,        # (n_rows,) int class index, or (n_rows, n_cols) probabilities / teacher logits
     weight_ptr,        # (n_cols,) fp32 class weights          [HAS_WEIGHT]
-    row_max_ptr,           # (n_rows,) fp32 m saved by the forward
-    log_d_ptr,          # (n_rows,) fp32 log d saved by the forward
-    dlse_ptr,        # (n_rows,) fp32 grad_out * dlse (+ grad of lse)
+    row_max_ptr,       # (n_rows,) fp32 m saved by the forward
+    log_d_ptr,         # (n_rows,) fp32 log d saved by the forward
+    dlse_ptr,          # (n_rows,) fp32 grad_out * dlse (+ grad of lse)
     alpha_ptr,         # (n_rows,) fp32 grad_out * alpha
     beta_ptr,          # (n_rows,) fp32 grad_out * beta           [HAS_SMOOTHING]
     grad_ptr,          # (n_rows, n_cols) out; may alias logits
+    teacher_ptr,       # (n_rows, 2) fp32 the teacher's max and log d of t / T  [TEACHER]
+    ent_ptr,           # (n_rows, 2) fp32 d loss / d entropy, and sum s z''      [HAS_ENT_GRAD]
     # sizes
     n_cols,
     # strides (in elements)
@@ -356,6 +417,7 @@ def ce_bwd_kernel(
     stride_grad_row, stride_grad_col,
     # runtime scalars
     softcap,
+    inv_temp,          # fp32, 1 / temperature
     # compile-time constants
     BLOCK_V: tl.constexpr,
     PROB_TARGET: tl.constexpr,
@@ -365,6 +427,8 @@ def ce_bwd_kernel(
     VEC: tl.constexpr,       # as in ce_fwd_kernel
     GRAD_VEC: tl.constexpr,
     WIDE_COLS: tl.constexpr,
+    TEACHER: tl.constexpr = False,
+    HAS_ENT_GRAD: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     tgt_row = target_ptr + row * stride_target_row
@@ -379,12 +443,24 @@ def ce_bwd_kernel(
     target = -1
     if not PROB_TARGET:
         target = tl.load(tgt_row).to(tl.int64)
+    t_max = 0.0
+    t_log_d = 0.0
+    if TEACHER:
+        t_max = tl.load(teacher_ptr + row * 2)
+        t_log_d = tl.load(teacher_ptr + row * 2 + 1)
+    ent_grad = 0.0
+    ent_mean = 0.0
+    if HAS_ENT_GRAD:
+        ent_grad = tl.load(ent_ptr + row * 2)
+        ent_mean = tl.load(ent_ptr + row * 2 + 1)
 
     write_grad_row(logits_ptr, row * stride_logits_row, stride_logits_col,
                    grad_ptr, row * stride_grad_row, stride_grad_col,
                    weight_ptr, tgt_row, stride_target_col, target, n_cols,
-                   row_max, log_d, dlse, alpha, beta, softcap, 0,
-                   BLOCK_V, VEC, GRAD_VEC, WIDE_COLS, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                   row_max, log_d, dlse, alpha, beta, softcap,
+                   inv_temp, t_max, t_log_d, ent_grad, ent_mean, 0,
+                   BLOCK_V, VEC, GRAD_VEC, WIDE_COLS, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
+                   HAS_SOFTCAP, TEACHER, HAS_ENT_GRAD)
 
 
 @triton.jit
@@ -431,9 +507,10 @@ INTERPRETED = type(ce_fwd_kernel).__name__ == "InterpretedFunction"
 # ----------------------------------------------------------------------------
 
 _FWD_KEY = ["n_cols", "PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_ZLOSS", "HAS_SOFTCAP",
-            "WRITE_GRAD", "WRITE_STATS", "VEC", "GRAD_VEC", "WIDE_COLS"]
+            "WRITE_GRAD", "WRITE_STATS", "VEC", "GRAD_VEC", "WIDE_COLS", "WRITE_TOKEN_STATS",
+            "TEACHER", "TEACHER_KL"]
 _BWD_KEY = ["n_cols", "PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP", "VEC", "GRAD_VEC",
-            "WIDE_COLS"]
+            "WIDE_COLS", "TEACHER", "HAS_ENT_GRAD"]
 
 ce_fwd_tuned = triton.autotune(configs=fwd_configs(), key=_FWD_KEY + ["ONE_TILE"],
                                prune_configs_by={"early_config_prune": one_tile_prune})(ce_fwd_kernel)

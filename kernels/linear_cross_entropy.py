@@ -4,7 +4,8 @@ With hidden states x (N, D), head weight W (V, D) and bias b (V), each program
 computes one (BLOCK_N, BLOCK_V) tile of z = x W^T + b in registers (a matmul over
 D in steps of BLOCK_D) and consumes it on chip:
 
-forward (lce_fwd_kernel), per tile, after the optional softcap z' = c*tanh(z/c):
+forward (lce_fwd_kernel), per tile, after the optional softcap and temperature
+z' = c*tanh(z/c) / T:
     tile max m_t and sum-exp d_t per row, folded into the row's running (m, d)
         under a per-row-block lock:  d <- d e^(m - m') + d_t e^(m_t - m')
     z'_target, written by the one tile that holds the row's target
@@ -114,13 +115,14 @@ def _tile_coords(n_rows, n_vocab, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 @triton.jit
 def _logits_tile(
     x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
-    stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
+    stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap, inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    """z' for one tile in fp32 (padding columns -inf), and dz'/dz = sech^2(z/c) for the
-    chain rule (see _online.softcap_slope)."""
+    """z'' = softcap(z) / T for one tile in fp32 (padding columns -inf), and
+    dz'/dz = sech^2(z/c) for the chain rule (see _online.softcap_slope; the caller
+    multiplies the gradient by 1 / T, 1.0 without a temperature, as _online.transform)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_D)
     for k0 in range(0, dim, BLOCK_D):
@@ -138,7 +140,7 @@ def _logits_tile(
     slope = acc  # placeholder of the right type when there is no softcap
     if HAS_SOFTCAP:
         acc, slope = softcap_slope(acc, softcap)
-    z = tl.where(col_mask[None, :], acc, float("-inf"))
+    z = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
     return z, slope
 
 
@@ -161,6 +163,7 @@ def lce_fwd_kernel(
     stride_x_row, stride_x_col, stride_w_row, stride_w_col, stride_target,
     # runtime scalars
     softcap,
+    inv_temp,         # fp32, 1 / temperature (1.0 without one)
     # compile-time constants
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
@@ -172,7 +175,7 @@ def lce_fwd_kernel(
                                                                  BLOCK_V, GROUP_N)
 
     z, slope = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
-                         stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
+                         stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap, inv_temp,
                          BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
                          UPCAST_DOT)
 
@@ -235,6 +238,7 @@ def lce_bwd_kernel(
     stride_x_row, stride_x_col, stride_w_row, stride_w_col, stride_target,
     # runtime scalars
     softcap,
+    inv_temp,         # fp32, 1 / temperature (1.0 without one)
     filter_eps,       # fp32, read when HAS_FILTER
     # compile-time constants
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
@@ -249,7 +253,7 @@ def lce_bwd_kernel(
                                                                  BLOCK_V, GROUP_N)
 
     z, slope = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, vcols, row_mask, col_mask, dim,
-                         stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap,
+                         stride_x_row, stride_x_col, stride_w_row, stride_w_col, softcap, inv_temp,
                          BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
                          UPCAST_DOT)
 
@@ -270,7 +274,7 @@ def lce_bwd_kernel(
             g -= beta[:, None]
     if HAS_SOFTCAP:
         g = g * slope
-    g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+    g = tl.where(row_mask[:, None] & col_mask[None, :], g * inv_temp, 0.0)
 
     # Gradient filtering (CCE's idea, off by default): a tile in which every entry of G is
     # below filter_eps times the largest row coefficient (logits whose probability is

@@ -14,6 +14,7 @@ Layers, each importing only those below it:
 """
 
 from ._autograd import CrossEntropyFunction, LinearCrossEntropyFunction
+from ._extended import CrossEntropyOutput
 from ._rows import GRAD_MODES
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
@@ -22,6 +23,6 @@ from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 __version__ = "0.1.0"
 
 __all__ = [
-    "cross_entropy", "CrossEntropyLoss", "CrossEntropyFunction", "GRAD_MODES",
+    "cross_entropy", "CrossEntropyLoss", "CrossEntropyFunction", "CrossEntropyOutput", "GRAD_MODES",
     "linear_cross_entropy", "LinearCrossEntropyLoss", "LinearCrossEntropyFunction",
 ]

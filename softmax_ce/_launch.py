@@ -54,29 +54,41 @@ def forward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha
                  beta: Optional[Tensor], zeta: Optional[Tensor],
                  loss: Tensor, row_max: Tensor, log_d: Tensor, dlse: Tensor,
                  grad: Optional[Tensor], prob_target: bool, softcap: Optional[float],
-                 stats: Optional[Tensor] = None) -> None:
+                 stats: Optional[Tensor] = None, *, inv_temp: float = 1.0,
+                 entropy: Optional[Tensor] = None, argmax: Optional[Tensor] = None,
+                 teacher: Optional[Tensor] = None, teacher_kl: bool = False) -> None:
     """Per-row loss, row max and log d (lse = row_max + log_d, kept apart for precision)
     and d loss/d lse; with `grad`, also the gradient for grad_output = 1; with `stats`
     (n_rows, 3), the raw terms before the coefficients: lse - z'_t (or sum w y (lse - z')),
     sum w (lse - z'), sum w y.
 
     logits (n_rows, n_cols); target (n_rows,) int or (n_rows, n_cols) float; grad may be
-    the logits (in place)."""
+    the logits (in place).  inv_temp: 1 / temperature; entropy, argmax ((n_rows,) fp32
+    and int64): written when given; teacher ((n_rows, 2) fp32): when given, target holds
+    teacher logits (prob_target is set), the soft target is softmax(target * inv_temp),
+    and the teacher's max and log d are written there; teacher_kl: the target term is
+    KL(y || s) rather than the cross-entropy."""
     if logits.shape[0] == 0:
         return
     _impl(logits).ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d,
-                             dlse, grad, prob_target, softcap, stats)
+                             dlse, grad, prob_target, softcap, stats, inv_temp=inv_temp,
+                             entropy=entropy, argmax=argmax, teacher=teacher,
+                             teacher_kl=teacher_kl)
 
 
 def backward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor,
                   log_d: Tensor, dlse: Tensor, alpha: Tensor, beta: Optional[Tensor],
-                  grad: Tensor, prob_target: bool, softcap: Optional[float]) -> None:
+                  grad: Tensor, prob_target: bool, softcap: Optional[float], *,
+                  inv_temp: float = 1.0, teacher: Optional[Tensor] = None,
+                  ent: Optional[Tensor] = None) -> None:
     """The gradient recomputed from the saved row max and log d; dlse, alpha and beta
-    already hold grad_output (and dlse the lse's own gradient)."""
+    already hold grad_output (and dlse the lse's own gradient).  teacher: the forward's
+    (n_rows, 2) teacher rows (target holds teacher logits); ent (n_rows, 2): d loss / d
+    entropy and sum s z'' per row, for the entropy's gradient."""
     if logits.shape[0] == 0:
         return
     _impl(logits).ce_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta, grad,
-                              prob_target, softcap)
+                              prob_target, softcap, inv_temp=inv_temp, teacher=teacher, ent=ent)
 
 
 def scale_(grad: Tensor, scale: Tensor) -> None:

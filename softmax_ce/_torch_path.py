@@ -41,24 +41,65 @@ def _chunks(n_rows: int, n_cols: int):
     for r0 in range(0, n_rows, step):
         yield slice(r0, min(n_rows, r0 + step))
 
-def _softcapped(z: Tensor, softcap, need_slope: bool = True):
-    """z' and, for the chain rule, dz'/dz = sech^2(z / softcap) (None without a softcap).
+def _softcapped(z: Tensor, softcap, need_slope: bool = True, inv_temp: float = 1.0):
+    """z'' = softcap(z) / T and, for the chain rule, dz''/dz = sech^2(z / softcap) / T
+    (None when that is 1: no softcap, no temperature).  The softcap comes first, as in
+    the kernels (_online.transform).
 
     The slope is 4 e / (1 + e)^2 with e = exp(-2|u|), as in the kernels
     (_online.softcap_slope), never 1 - tanh^2, which cancels to 0 once |u| passes 9."""
     if softcap is None:
-        return z, None
+        if inv_temp == 1.0:
+            return z, None
+        slope = torch.full((), inv_temp, dtype=z.dtype, device=z.device) if need_slope else None
+        return z * inv_temp, slope
     u = z / softcap
+    zc = torch.tanh(u).mul_(softcap)
+    if inv_temp != 1.0:
+        zc.mul_(inv_temp)
     if not need_slope:
-        return torch.tanh(u).mul_(softcap), None
+        return zc, None
     e = u.abs().mul_(-2.0).exp_()
-    slope = e.mul(4.0).div_((e + 1.0).square_())
-    return torch.tanh(u).mul_(softcap), slope
+    slope = e.mul(4.0 * inv_temp).div_((e + 1.0).square_())
+    return zc, slope
 
-def _grad_chunk(z, slope, target, weight, row_max, log_d, dlse, alpha, beta, prob_target):
-    """d loss / d z of a chunk; the same formula as kernels._online.grad_tile."""
-    g = (z - row_max[:, None]).sub_(log_d[:, None]).exp_().mul_(dlse[:, None])
-    if prob_target:
+
+def _entropy(z: Tensor, row_max: Tensor) -> Tensor:
+    """-sum s log s per row as the kernels compute it (_online.online_entropy_update):
+    log1p(q) - sum e (z - m) / (1 + q), e = exp(z - m), q = d - 1 summed over every logit
+    but one at the max, so a confident row (d = 1 + q, q below fp32's resolution at 1)
+    keeps its entropy to fp32's relative precision; no lse - sum(s z) cancellation."""
+    dz = z - row_max[:, None]
+    e = dz.exp()
+    s = torch.where(e > 0, e * dz, 0.0).sum(dim=1)  # e = 0 on a -inf logit: 0, not 0 * -inf
+    d = e.sum(dim=1)
+    e.scatter_(1, dz.argmax(dim=1, keepdim=True), 0.0)
+    q = e.sum(dim=1)
+    return torch.log1p(q) - s / d
+
+
+def _teacher_log_probs(t: Tensor, inv_temp: float, cdt):
+    """log softmax(t / T) of a chunk of teacher logits, and its row (max, log d)."""
+    tz = t.to(cdt) * inv_temp
+    m = tz.amax(dim=1)
+    t_max = torch.where(m == float("-inf"), 0.0, m)
+    t_log_d = (tz - t_max[:, None]).exp_().sum(dim=1).log()
+    return (tz - t_max[:, None]).sub_(t_log_d[:, None]), t_max, t_log_d
+
+def _grad_chunk(z, slope, target, weight, row_max, log_d, dlse, alpha, beta, prob_target,
+                teacher=None, inv_temp=1.0, ent=None):
+    """d loss / d z of a chunk; the same formula as kernels._online.grad_tile.
+    teacher: the chunk's (t_max, t_log_d) when target holds teacher logits; ent: its
+    (d loss / d entropy, sum s z'') per row."""
+    g = (z - row_max[:, None]).sub_(log_d[:, None]).exp_()
+    if ent is not None:
+        g.mul_(dlse[:, None] + ent[:, 0, None] * (ent[:, 1, None] - z))
+    else:
+        g.mul_(dlse[:, None])
+    if teacher is not None:
+        y = (target.to(z.dtype) * inv_temp).sub_(teacher[:, 0, None]).sub_(teacher[:, 1, None])
+        g.sub_(y.exp_().mul_(alpha[:, None]))
+    elif prob_target:
         y = target.to(z.dtype) * alpha[:, None]  # never in place: target is the user's
         if weight is not None:
             y = y * weight
@@ -69,7 +110,7 @@ def _grad_chunk(z, slope, target, weight, row_max, log_d, dlse, alpha, beta, pro
         g.sub_(beta[:, None] * (weight if weight is not None else 1.0))
     if slope is not None:
         g.mul_(slope)
-    return _zero_ignored(g, dlse, alpha, beta)
+    return _zero_ignored(g, dlse, alpha, beta, ent)
 
 
 def _sub_onehot(g, target, alpha):
@@ -79,13 +120,15 @@ def _sub_onehot(g, target, alpha):
     g.scatter_add_(1, cols, -torch.where(in_range, alpha, 0.0)[:, None].to(g.dtype))
 
 
-def _zero_ignored(g, dlse, alpha, beta):
+def _zero_ignored(g, dlse, alpha, beta, ent=None):
     """A row whose coefficients are all 0 (ignored, or grad_output 0) has a zero gradient,
     even where its logits were nan; the pass is skipped when every row is live (a host
     read, free on a CPU)."""
     active = (dlse != 0) | (alpha != 0)
     if beta is not None:
         active |= beta != 0
+    if ent is not None:
+        active |= ent[:, 0] != 0
     if not bool(active.all()):
         g.masked_fill_(~active[:, None], 0.0)
     return g
@@ -156,10 +199,12 @@ def _ce_forward_stats(z, target, weight, alpha, beta, zeta, loss, row_max, log_d
 
 
 def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse, grad,
-               prob_target, softcap, stats=None):
+               prob_target, softcap, stats=None, *, inv_temp=1.0, entropy=None, argmax=None,
+               teacher=None, teacher_kl=False):
     n_rows, n_cols = logits.shape
     cdt = row_dtype(logits)
-    if (grad is None and stats is None and softcap is None and not prob_target
+    plain = inv_temp == 1.0 and entropy is None and teacher is None
+    if (plain and grad is None and stats is None and softcap is None and not prob_target
             and logits.dtype == cdt):
         w = weight.to(cdt) if weight is not None else None
         for rows in _chunks(n_rows, n_cols):
@@ -168,7 +213,7 @@ def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, 
                               zeta[rows].to(cdt) if zeta is not None else None,
                               loss[rows], row_max[rows], log_d[rows], dlse[rows])
         return
-    if (grad is not None and grad.data_ptr() == logits.data_ptr() and logits.dtype == cdt
+    if (plain and grad is not None and grad.data_ptr() == logits.data_ptr() and logits.dtype == cdt
             and logits.is_contiguous() and grad.is_contiguous() and softcap is None
             and not prob_target and stats is None):
         w = weight.to(cdt) if weight is not None else None
@@ -179,15 +224,33 @@ def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, 
         return
     w = weight.to(cdt) if weight is not None else None
     for rows in _chunks(n_rows, n_cols):
-        z, slope = _softcapped(logits[rows].to(cdt), softcap, need_slope=grad is not None)
+        raw = logits[rows].to(cdt)
+        if argmax is not None:
+            argmax[rows] = raw.argmax(dim=1)
+        z, slope = _softcapped(raw, softcap, need_slope=grad is not None, inv_temp=inv_temp)
         a = alpha[rows].to(cdt)
         m = z.amax(dim=1)
         row_max_c = torch.where(m == float("-inf"), 0.0, m)
         log_d_c = (z - row_max_c[:, None]).exp_().sum(dim=1).log()
         lse_c = row_max_c + log_d_c
+        if entropy is not None:
+            entropy[rows] = _entropy(z, row_max_c)
         t = target[rows]
         s_wy = torch.zeros_like(lse_c)
-        if prob_target:
+        teacher_c = None
+        if teacher is not None:
+            y_logp, t_max, t_log_d = _teacher_log_probs(t, inv_temp, cdt)
+            y = y_logp.exp()
+            logp = (z - row_max_c[:, None]) - log_d_c[:, None]
+            target_term = -torch.where(y > 0, y * logp, 0.0).sum(dim=1)
+            if teacher_kl:
+                target_term += torch.where(y > 0, y * y_logp, 0.0).sum(dim=1)
+            del y, y_logp
+            s_wy = torch.ones_like(lse_c)
+            dlse_c = a.clone()
+            teacher_c = torch.stack([t_max, t_log_d], dim=1)
+            teacher[rows] = teacher_c
+        elif prob_target:
             y = t.to(cdt)
             wy = y * w if w is not None else y
             logp = (z - row_max_c[:, None]) - log_d_c[:, None]  # not z - lse: exact near +-1e4
@@ -222,7 +285,8 @@ def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, 
             stats[rows] = torch.stack([target_term, smooth, s_wy], dim=1)
         if grad is not None:
             g = _grad_chunk(z, slope, t, w, row_max_c, log_d_c, dlse_c, a,
-                            beta[rows].to(cdt) if beta is not None else None, prob_target)
+                            beta[rows].to(cdt) if beta is not None else None, prob_target,
+                            teacher_c, inv_temp)
             grad[rows] = g  # after every read of this chunk: grad may alias logits
             del g  # so the next chunk's temporaries can take its place
 
@@ -247,21 +311,24 @@ def _ce_backward_into(z, target, weight, row_max, log_d, dlse, alpha, beta, g):
     _zero_ignored(g, dlse, alpha, beta)
 
 
-def ce_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta, grad, prob_target, softcap):
+def ce_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta, grad, prob_target, softcap,
+                *, inv_temp=1.0, teacher=None, ent=None):
     n_rows, n_cols = logits.shape
     cdt = row_dtype(logits)
     w = weight.to(cdt) if weight is not None else None
     # (g may be the logits themselves: every op below is elementwise, so in place is safe)
-    if not prob_target and softcap is None and logits.dtype == cdt and grad.dtype == cdt:
+    if (not prob_target and softcap is None and logits.dtype == cdt and grad.dtype == cdt
+            and inv_temp == 1.0 and ent is None):
         _ce_backward_into(logits, target, w, row_max.to(cdt), log_d.to(cdt), dlse.to(cdt),
                           alpha.to(cdt), beta.to(cdt) if beta is not None else None, grad)
         return
     for rows in _chunks(n_rows, n_cols):
-        z, slope = _softcapped(logits[rows].to(cdt), softcap)
+        z, slope = _softcapped(logits[rows].to(cdt), softcap, inv_temp=inv_temp)
         g = _grad_chunk(z, slope, target[rows], w, row_max[rows].to(cdt), log_d[rows].to(cdt),
                         dlse[rows].to(cdt),
                         alpha[rows].to(cdt), beta[rows].to(cdt) if beta is not None else None,
-                        prob_target)
+                        prob_target, teacher[rows].to(cdt) if teacher is not None else None,
+                        inv_temp, ent[rows].to(cdt) if ent is not None else None)
         grad[rows] = g
         del g  # so the next chunk's temporaries can take its place
 
@@ -276,7 +343,7 @@ def _logits_chunk(x_rows, w, b, cdt):
         z += b.to(cdt)
     return z
 
-def lce_stats(x, w, b, target, class_weight, need_smooth, softcap):
+def lce_stats(x, w, b, target, class_weight, need_smooth, softcap, inv_temp=1.0):
     n_rows, n_vocab = x.shape[0], w.shape[0]
     cdt = row_dtype(x)
     row_max, log_d, unused_loss, unused_dlse = (torch.empty(n_rows, dtype=cdt, device=x.device)
@@ -288,11 +355,11 @@ def lce_stats(x, w, b, target, class_weight, need_smooth, softcap):
         ce_forward(z, target[rows], class_weight, ones[rows],
                            ones[rows] if need_smooth else None, None,
                            unused_loss[rows], row_max[rows], log_d[rows], unused_dlse[rows], None, False,
-                           softcap, stats[rows])
+                           softcap, stats[rows], inv_temp=inv_temp)
     return row_max, log_d, stats[:, 0], stats[:, 1] if need_smooth else None
 
 def lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta, softcap,
-               need_dx, need_dw, need_db):
+               need_dx, need_dw, need_db, inv_temp=1.0):
     n_rows, dim = x.shape
     n_vocab = w.shape[0]
     cdt = row_dtype(x)
@@ -301,7 +368,7 @@ def lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, bet
     db = torch.zeros(n_vocab, dtype=cdt, device=x.device) if need_db else row_max.new_empty(0)
     cw = class_weight.to(cdt) if class_weight is not None else None
     for rows in _chunks(n_rows, n_vocab):
-        z, slope = _softcapped(_logits_chunk(x[rows], w, b, cdt), softcap)
+        z, slope = _softcapped(_logits_chunk(x[rows], w, b, cdt), softcap, inv_temp=inv_temp)
         g = _grad_chunk(z, slope, target[rows], cw, row_max[rows], log_d[rows], dlse[rows],
                                 alpha[rows],
                                 beta[rows] if beta is not None else None, False)

@@ -78,7 +78,8 @@ def _target_strides(target: Tensor, prob_target: bool):
     return (target.stride(0), target.stride(1)) if prob_target else (target.stride(0), 0)
 
 def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse, grad, prob_target,
-                softcap, stats=None):
+                softcap, stats=None, *, inv_temp=1.0, entropy=None, argmax=None, teacher=None,
+                teacher_kl=False):
     n_rows, n_cols = logits.shape
     col_strides = [logits.stride(1)] + ([grad.stride(1)] if grad is not None else []) + \
         ([target.stride(1)] if prob_target else [])
@@ -95,9 +96,13 @@ def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, 
         WIDE_COLS=K.wide_cols(n_cols, *col_strides),
         # the fused forward reads a row once when one tile holds it (run_kernel decides)
         ONE_TILE=grad is not None and n_cols <= K.MAX_BLOCK_V,
+        WRITE_TOKEN_STATS=entropy is not None,
+        TEACHER=teacher is not None,
+        TEACHER_KL=teacher is not None and teacher_kl,
     )
 
-    def launch_args(logits, target, alpha, beta, zeta, loss, row_max, log_d, dlse, grad, stats):
+    def launch_args(logits, target, alpha, beta, zeta, loss, row_max, log_d, dlse, grad, stats,
+                    entropy, argmax, teacher):
         return (
             logits, target,
             weight if weight is not None else alpha,
@@ -107,11 +112,15 @@ def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, 
             loss, row_max, log_d, dlse,
             grad if grad is not None else logits,
             stats if stats is not None else alpha,
+            entropy if entropy is not None else alpha,
+            argmax if argmax is not None else alpha,
+            teacher if teacher is not None else alpha,
             n_cols,
             logits.stride(0), logits.stride(1),
             *_target_strides(target, prob_target),
             *(grad.stride() if grad is not None else (0, 0)),
             float(softcap) if softcap is not None else 1.0,
+            float(inv_temp),
         )
 
     def probe():
@@ -119,19 +128,22 @@ def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, 
         # gradient with the same row offsets modulo 16 bytes (GRAD_VEC), fresh row outputs
         r = probe_rows(n_rows, n_cols)
         rows = [t[:r] if t is not None else None
-                for t in (target, alpha, beta, zeta, loss, row_max, log_d, dlse, stats)]
+                for t in (target, alpha, beta, zeta, loss, row_max, log_d, dlse, stats,
+                          entropy, argmax, teacher)]
         rows = [t.clone() if t is not None else None for t in rows]
         return (lambda meta: (r,)), launch_args(logits[:r].clone(), rows[0], *rows[1:8],
-                                                 torch.empty_like(logits[:r]), rows[8])
+                                                 torch.empty_like(logits[:r]), *rows[8:])
 
     inplace = grad is not None and grad.data_ptr() == logits.data_ptr()
     run_kernel("ce_fwd", K.ce_fwd_kernel, K.ce_fwd_tuned, lambda meta: (n_rows,),
-               launch_args(logits, target, alpha, beta, zeta, loss, row_max, log_d, dlse, grad, stats),
+               launch_args(logits, target, alpha, beta, zeta, loss, row_max, log_d, dlse, grad, stats,
+                           entropy, argmax, teacher),
                flags, logits.device, n_cols, logits.dtype,
                dict(BLOCK_V=K.interpreter_block(n_cols), num_warps=4),
                probe=probe if inplace else None)
 
-def ce_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta, grad, prob_target, softcap):
+def ce_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta, grad, prob_target, softcap,
+                *, inv_temp=1.0, teacher=None, ent=None):
     n_rows, n_cols = logits.shape
     col_strides = [logits.stride(1), grad.stride(1)] + ([target.stride(1)] if prob_target else [])
     flags = dict(
@@ -142,32 +154,38 @@ def ce_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta, grad,
         VEC=K.vec_width(logits),
         GRAD_VEC=K.grad_vec_width(logits, grad),
         WIDE_COLS=K.wide_cols(n_cols, *col_strides),
+        TEACHER=teacher is not None,
+        HAS_ENT_GRAD=ent is not None,
     )
 
-    def launch_args(logits, target, row_max, log_d, dlse, alpha, beta, grad):
+    def launch_args(logits, target, row_max, log_d, dlse, alpha, beta, grad, teacher, ent):
         return (
             logits, target,
             weight if weight is not None else row_max,
             row_max, log_d, dlse, alpha,
             beta if beta is not None else row_max,
             grad,
+            teacher if teacher is not None else row_max,
+            ent if ent is not None else row_max,
             n_cols,
             logits.stride(0), logits.stride(1),
             *_target_strides(target, prob_target),
             grad.stride(0), grad.stride(1),
             float(softcap) if softcap is not None else 1.0,
+            float(inv_temp),
         )
 
     def probe():
         r = probe_rows(n_rows, n_cols)
         rows = [t[:r] if t is not None else None
                 for t in (target, row_max, log_d, dlse, alpha, beta)]
+        extra = [t[:r] if t is not None else None for t in (teacher, ent)]
         return (lambda meta: (r,)), launch_args(logits[:r].clone(), *rows,
-                                                 torch.empty_like(logits[:r]))
+                                                 torch.empty_like(logits[:r]), *extra)
 
     inplace = grad.data_ptr() == logits.data_ptr()
     run_kernel("ce_bwd", K.ce_bwd_kernel, K.ce_bwd_tuned, lambda meta: (n_rows,),
-               launch_args(logits, target, row_max, log_d, dlse, alpha, beta, grad),
+               launch_args(logits, target, row_max, log_d, dlse, alpha, beta, grad, teacher, ent),
                flags, logits.device, n_cols, logits.dtype,
                dict(BLOCK_V=K.interpreter_block(n_cols), num_warps=4),
                probe=probe if inplace else None)
@@ -205,7 +223,7 @@ def _grid(n_rows, n_vocab):
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
-def lce_stats(x, w, b, target, class_weight, need_smooth, softcap):
+def lce_stats(x, w, b, target, class_weight, need_smooth, softcap, inv_temp=1.0):
     n_rows, dim = x.shape
     n_vocab = w.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -218,7 +236,7 @@ def lce_stats(x, w, b, target, class_weight, need_smooth, softcap):
             class_weight if class_weight is not None else m,
             m, d, z_t, swz, locks, n_rows, n_vocab, dim,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), target.stride(0),
-            float(softcap) if softcap is not None else 1.0)
+            float(softcap) if softcap is not None else 1.0, float(inv_temp))
     flags = dict(HAS_BIAS=b is not None, HAS_CLASS_WEIGHT=class_weight is not None,
                  HAS_SMOOTHING=need_smooth, HAS_SOFTCAP=softcap is not None,
                  DOT_PRECISION=_dot_precision(x), UPCAST_DOT=_upcast_dot(x))
@@ -232,7 +250,7 @@ def lce_stats(x, w, b, target, class_weight, need_smooth, softcap):
     return row_max, log_d, target_term, smooth_term
 
 def lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta, softcap,
-                need_dx, need_dw, need_db, filter_eps=0.0):
+                need_dx, need_dw, need_db, filter_eps=0.0, inv_temp=1.0):
     n_rows, dim = x.shape
     n_vocab = w.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -244,7 +262,7 @@ def lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, bet
             row_max, log_d, dlse, alpha, beta if beta is not None else row_max,
             dx, dw, db, n_rows, n_vocab, dim,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), target.stride(0),
-            float(softcap) if softcap is not None else 1.0, float(filter_eps))
+            float(softcap) if softcap is not None else 1.0, float(inv_temp), float(filter_eps))
     flags = dict(HAS_BIAS=b is not None, HAS_CLASS_WEIGHT=class_weight is not None,
                  HAS_SMOOTHING=beta is not None, HAS_SOFTCAP=softcap is not None,
                  COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction
 
+from . import _extended
 from . import _rows as R
 from . import distributed
 from ._autograd import CrossEntropyFunction, cross_entropy_function, higher_order_error
@@ -24,7 +25,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                   softcap: Optional[float] = None, inplace_backward: bool = False,
                   grad_mode: str = "recompute", return_lse: bool = False,
-                  process_group=None):
+                  process_group=None, temperature: float = 1.0, return_entropy: bool = False,
+                  return_argmax: bool = False, return_accuracy: bool = False,
+                  target_logits: bool = False, kl: bool = False):
     """Softmax cross-entropy, a drop-in for `torch.nn.functional.cross_entropy`.
 
     Same arguments (in torch's positional order), shapes, dtypes, reductions and errors
@@ -63,6 +66,22 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         dimension over a 1-D mesh (a ColwiseParallel LM head's output) brings its own
         group.  grad_mode must be "recompute" there.
 
+    temperature: the softmax sees ``softcap(z) / temperature`` (softcap first: it is the
+        model's, the temperature is how its output is read), with its gradient.
+    return_entropy, return_argmax, return_accuracy: per-token statistics from the same
+        pass over the logits; when any is asked for the result is a
+        `CrossEntropyOutput(loss, lse, entropy, argmax, accuracy)` (None where not asked).
+        entropy (per token, fp32, of the softmax the loss uses) is differentiable; argmax
+        (int64, of the raw input, ties and nan as torch.argmax) and accuracy (0-dim fp32,
+        the fraction of non-ignored tokens whose argmax is the target) are not.
+    target_logits: `target` holds a teacher's logits (the input's shape); the soft target
+        is ``softmax(target / temperature)``, formed row by row in the kernels and never
+        stored, and the loss is scaled by ``temperature**2`` (knowledge distillation).
+        kl=True gives KL(teacher || student) instead of the cross-entropy (they differ by
+        the teacher's entropy, which has no gradient).  The teacher receives no gradient.
+    These options run the recompute strategy (grad_mode="fused" is refused) and no
+    process_group yet; double backward and torch.func are not supported with them.
+
     Float64 inputs go through a PyTorch path that computes in float64 (for gradcheck);
     everything else accumulates in fp32 and returns the input's dtype, as torch does.
     """
@@ -70,6 +89,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         reduction = _reduction.legacy_get_string(size_average, reduce)
     R.check_options(reduction, label_smoothing, z_loss, softcap, grad_mode)
     input, target, process_group = _unwrap_dtensor(input, target, process_group)
+    if _extended.wanted(temperature, return_entropy, return_argmax, return_accuracy,
+                        target_logits, kl):
+        if process_group is not None:
+            R.fail(NotImplementedError, "temperature, return_entropy/argmax/accuracy and "
+                                        "target_logits are not available with process_group yet")
+        return _extended.run(input, target, weight, ignore_index, reduction, label_smoothing,
+                             z_loss, softcap, inplace_backward, grad_mode, return_lse,
+                             temperature, return_entropy, return_argmax, return_accuracy,
+                             target_logits, kl)
     if process_group is not None:
         return _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                         softcap, inplace_backward, grad_mode, return_lse, process_group)

@@ -37,14 +37,15 @@ ALLOWED = {
     "_launch": {"_torch_path", "_triton_path", "_rows", "kernels", "kernels.cross_entropy"},
     "_ops": {"_launch"},
     "_autograd": {"_ops"},
+    "_extended": {"_launch", "_rows"},  # temperature, token statistics, teacher logits
     "distributed": {"_ops", "_autograd", "_rows"},
-    "functional": {"_rows", "_autograd", "distributed"},
-    "linear": {"_rows", "_autograd", "distributed"},
+    "functional": {"_rows", "_autograd", "_extended", "distributed"},
+    "linear": {"_rows", "_autograd", "_extended", "distributed"},
     "modules": {"functional", "linear"},
     "integrations": set(),
     "integrations.transformers": {"linear", "functional", "_rows"},
     "testing": set(),  # comparator and spawn harness for tests and perf: torch only
-    "": {"_autograd", "_rows", "functional", "linear", "modules"},  # softmax_ce/__init__.py
+    "": {"_autograd", "_extended", "_rows", "functional", "linear", "modules"},  # softmax_ce/__init__.py
 }
 
 
