@@ -266,10 +266,12 @@ def _probability_target_grad(logits, row_max, log_d, alpha, weight, grad_loss, s
 
 
 def linear_recompute_grads(params, x, weight, bias, target, class_weight, row_max, log_d, dlse,
-                           alpha, beta, grad_loss, grad_lse, need_dx, need_dw, need_db):
+                           alpha, beta, grad_loss, grad_lse, need_dx, need_dw, need_db,
+                           grad_entropy=None, entropy=None):
     """The linear cross-entropy's recomputing backward: (dx, dw, db) from the forward's row
-    statistics and coefficients scaled by grad_output (plus the lse's own gradient), by
-    params.impl.  Shared by LinearCrossEntropyFunction and the vocabulary-parallel one."""
+    statistics and coefficients scaled by grad_output (plus the lse's and the entropy's
+    own gradients), by params.impl.  Shared by LinearCrossEntropyFunction and the
+    vocabulary-parallel one."""
     if torch.is_grad_enabled():
         raise linear_higher_order_error("double backward (create_graph=True, gradgradcheck)")
     g = grad_loss.to(dlse.dtype)
@@ -281,8 +283,13 @@ def linear_recompute_grads(params, x, weight, bias, target, class_weight, row_ma
     args = (x, weight, bias, target, class_weight, row_max, log_d, dlse, g * alpha,
             g * beta if beta is not None else None, params.softcap, need_dx, need_dw, need_db)
     if params.impl == "fused":
-        return _ops.lce_bwd(*args, params.filter_eps)
-    return _ops.lce_chunked_bwd(*args, params.chunk_rows, params.accum_dtype)
+        return _ops.lce_bwd(*args, params.filter_eps, params.inv_temp)
+    ent = None
+    if grad_entropy is not None:
+        # d H / d z'' = s (E_s[z''] - z''), E_s[z''] = lse - H
+        ent = torch.stack([grad_entropy.to(dlse.dtype), (row_max + log_d) - entropy], dim=1)
+    return _ops.lce_chunked_bwd(*args, params.chunk_rows, params.accum_dtype, params.inv_temp,
+                                ent)
 
 
 def linear_higher_order_error(what):
@@ -306,7 +313,10 @@ class LinearParams:
         only, 0 (exact) or the gradient filter's threshold.
     allow_retain_graph: grad_in_forward only: the backward scales the forward's gradients
         in place (no second weight-sized buffer), so a second backward raises; True keeps
-        them and scales copies (as torch's LinearCrossEntropyOptions.allow_retain_graph)."""
+        them and scales copies (as torch's LinearCrossEntropyOptions.allow_retain_graph).
+    inv_temp: 1 / temperature; token_stats: chunked only, the entropy and argmax of each
+        row from the forward's pass (then the gradients are recomputed in the backward,
+        where the entropy's gradient is known)."""
     softcap: Optional[float]
     impl: str = "chunked"
     grad_in_forward: bool = False
@@ -314,12 +324,15 @@ class LinearParams:
     accum_dtype: torch.dtype = torch.float32
     filter_eps: float = 0.0
     allow_retain_graph: bool = False
+    inv_temp: float = 1.0
+    token_stats: bool = False
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd over x (N, D), weight (V, D), bias (V,) -> (loss, lse): loss the per-row
-    losses (N,) fp32, or their sum when params.grad_in_forward; lse (N,) fp32, the
-    per-row log-sum-exp (differentiable unless grad_in_forward)."""
+    """Autograd over x (N, D), weight (V, D), bias (V,) -> (loss, lse, entropy, argmax):
+    loss the per-row losses (N,) fp32, or their sum when params.grad_in_forward; lse (N,)
+    fp32, the per-row log-sum-exp (differentiable unless grad_in_forward); entropy (N,)
+    (differentiable) and argmax (N,) int64 when params.token_stats, else empty."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, alpha, beta, zeta, params):
@@ -328,30 +341,35 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_db = need_db and bias is not None
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.precomputed = params.grad_in_forward and (need_dx or need_dw or need_db)
+        entropy = argmax = x.new_empty(0)
         if params.impl == "fused":
             loss, row_max, log_d, dlse = _ops.lce_fwd(x, weight, bias, target, class_weight,
-                                                      alpha, beta, zeta, params.softcap)
+                                                      alpha, beta, zeta, params.softcap,
+                                                      params.inv_temp)
         elif ctx.precomputed:
             loss, row_max, log_d, dlse, dx, dw, db = _ops.lce_chunked(
                 x, weight, bias, target, class_weight, alpha, beta, zeta, params.softcap,
-                need_dx, need_dw, need_db, params.chunk_rows, params.accum_dtype)
+                need_dx, need_dw, need_db, params.chunk_rows, params.accum_dtype,
+                params.inv_temp, False)[:7]
             ctx.save_for_backward(dx if need_dx else None, dw if need_dw else None,
                                   db if need_db else None)
         else:
-            loss, row_max, log_d, dlse = _ops.lce_chunked(
+            loss, row_max, log_d, dlse, _, _, _, entropy, argmax = _ops.lce_chunked(
                 x, weight, bias, target, class_weight, alpha, beta, zeta, params.softcap,
-                False, False, False, params.chunk_rows, params.accum_dtype)[:4]
+                False, False, False, params.chunk_rows, params.accum_dtype, params.inv_temp,
+                params.token_stats)
         if not ctx.precomputed:
             ctx.save_for_backward(x, weight, bias, target, class_weight, row_max, log_d, dlse,
-                                  alpha, beta)
+                                  alpha, beta, entropy)
+        ctx.mark_non_differentiable(argmax)
         lse = row_max + log_d
         if params.grad_in_forward:
             ctx.mark_non_differentiable(lse)
-            return loss.sum(), lse
-        return loss, lse
+            return loss.sum(), lse, entropy, argmax
+        return loss, lse, entropy, argmax
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, grad_entropy=None, grad_argmax=None):
         if torch.is_grad_enabled():
             # the gradients come from kernels (or from the forward) with no graph of their
             # own: differentiating them again would give zeros, so refuse
@@ -376,12 +394,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grads.append((t.mul_(g) if not p.allow_retain_graph and t.dtype == g.dtype
                               else t * g).to(dt))
             return (*grads, None, None, None, None, None, None)
-        x, weight, bias, target, class_weight, row_max, log_d, dlse, alpha, beta = ctx.saved_tensors
+        (x, weight, bias, target, class_weight, row_max, log_d, dlse, alpha, beta,
+         entropy) = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
+        if not p.token_stats:
+            grad_entropy = None
         dx, dw, db = linear_recompute_grads(p, x, weight, bias, target, class_weight, row_max,
                                             log_d, dlse, alpha, beta, grad_loss, grad_lse,
-                                            need_dx, need_dw, need_db)
+                                            need_dx, need_dw, need_db, grad_entropy, entropy)
         return (dx.to(x_dtype) if need_dx else None,
                 dw.to(w_dtype) if need_dw else None,
                 db.to(b_dtype) if need_db else None,

@@ -103,7 +103,8 @@ def scale_(grad: Tensor, scale: Tensor) -> None:
 # ----------------------------------------------------------------------------
 
 def linear_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
-                 class_weight: Optional[Tensor], need_smooth: bool, softcap: Optional[float]):
+                 class_weight: Optional[Tensor], need_smooth: bool, softcap: Optional[float],
+                 inv_temp: float = 1.0):
     """Per-row (row_max, log_d, lse - z'_t, sum_c w_c (lse - z'_c) or None) of
     z' = softcap(x w^T + b), lse = row_max + log_d.
 
@@ -114,15 +115,15 @@ def linear_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
         # distinct tensors: a custom op may not return one tensor twice
         return tuple(x.new_empty(0, dtype=dtype) for _ in range(3)) + (
             x.new_empty(0, dtype=dtype) if need_smooth else None,)
-    return _impl(x).lce_stats(x, w, b, target, class_weight, need_smooth, softcap)
+    return _impl(x).lce_stats(x, w, b, target, class_weight, need_smooth, softcap, inv_temp)
 
 
 def linear_forward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                    class_weight: Optional[Tensor], alpha: Tensor, beta: Optional[Tensor],
-                   zeta: Optional[Tensor], softcap: Optional[float]):
+                   zeta: Optional[Tensor], softcap: Optional[float], inv_temp: float = 1.0):
     """-> (loss_rows, row_max, log_d, dlse), each (N,) fp32 (float64 on the float64 path)."""
     row_max, log_d, target_term, smooth_term = linear_stats(x, w, b, target, class_weight,
-                                                            beta is not None, softcap)
+                                                            beta is not None, softcap, inv_temp)
     W = class_weight.sum() if class_weight is not None else float(w.shape[0])
     loss, dlse = compose_rows(row_max + log_d, target_term, smooth_term, alpha, beta, zeta, W)
     return loss, row_max, log_d, dlse
@@ -132,16 +133,16 @@ def linear_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                     class_weight: Optional[Tensor], row_max: Tensor, log_d: Tensor,
                     dlse: Tensor, alpha: Tensor, beta: Optional[Tensor],
                     softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool,
-                    filter_eps: float = 0.0):
+                    filter_eps: float = 0.0, inv_temp: float = 1.0):
     """-> (dx (N, D), dw (V, D), db (V,)) accumulated in fp32; empty where not needed.
     filter_eps > 0: the Triton kernel skips tiles whose gradient is below it (see
     kernels/linear_cross_entropy.py); the PyTorch path computes every chunk."""
     if uses_triton(x) and x.shape[0] > 0:
         return _triton_path.lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse,
                                          alpha, beta, softcap, need_dx, need_dw, need_db,
-                                         filter_eps)
+                                         filter_eps, inv_temp)
     return _torch_path.lce_backward(x, w, b, target, class_weight, row_max, log_d, dlse, alpha,
-                                    beta, softcap, need_dx, need_dw, need_db)
+                                    beta, softcap, need_dx, need_dw, need_db, inv_temp)
 
 
 # ----------------------------------------------------------------------------
@@ -202,10 +203,13 @@ _MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "")
 def linear_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                    class_weight: Optional[Tensor], alpha: Tensor, beta: Optional[Tensor],
                    zeta: Optional[Tensor], softcap: Optional[float], need_dx: bool,
-                   need_dw: bool, need_db: bool, chunk_rows: int, accum_dtype: torch.dtype):
+                   need_dw: bool, need_db: bool, chunk_rows: int, accum_dtype: torch.dtype,
+                   inv_temp: float = 1.0, entropy: Optional[Tensor] = None,
+                   argmax: Optional[Tensor] = None):
     """Forward of the chunked linear cross-entropy, with the gradients for grad_output = 1
     when any is asked for -> (loss, row_max, log_d, dlse, dx, dw, db); dx in x's dtype, dw
-    and db in accum_dtype, each empty when not needed."""
+    and db in accum_dtype, each empty when not needed.  entropy, argmax ((N,) fp32 and
+    int64): written from the same pass over each chunk when given."""
     rows_dtype = _torch_path.row_dtype(x)
     loss, row_max, log_d, dlse = (x.new_empty(x.shape[0], dtype=rows_dtype) for _ in range(4))
     with_grad = need_dx or need_dw or need_db
@@ -215,7 +219,9 @@ def linear_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                      beta[rows] if beta is not None else None,
                      zeta[rows] if zeta is not None else None,
                      loss[rows], row_max[rows], log_d[rows], dlse[rows],
-                     z if with_grad else None, False, softcap)
+                     z if with_grad else None, False, softcap, inv_temp=inv_temp,
+                     entropy=entropy[rows] if entropy is not None else None,
+                     argmax=argmax[rows] if argmax is not None else None)
         if with_grad:
             _chunk_grads(z, x[rows], w, dx[rows] if need_dx else None,
                          dw if need_dw else None, db if need_db else None)
@@ -233,9 +239,11 @@ def _chunk_grads(g: Tensor, x_c: Tensor, w: Tensor, dx_c, dw, db) -> None:
 
 def linear_chunked_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                          class_weight: Optional[Tensor], need_smooth: bool,
-                         softcap: Optional[float], chunk_rows: int):
+                         softcap: Optional[float], chunk_rows: int, inv_temp: float = 1.0,
+                         entropy: Optional[Tensor] = None, argmax: Optional[Tensor] = None):
     """linear_stats, chunked on the matmul library: (row_max, log_d, lse - z'_t,
-    sum_c w_c (lse - z'_c) or None), for a caller that combines slices itself."""
+    sum_c w_c (lse - z'_c) or None), for a caller that combines slices itself; entropy
+    and argmax of each row written when given."""
     n_rows = x.shape[0]
     rows_dtype = _torch_path.row_dtype(x)
     row_max, log_d, unused_loss, unused_dlse = (x.new_empty(n_rows, dtype=rows_dtype)
@@ -245,7 +253,9 @@ def linear_chunked_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tens
     for rows, z in _logit_chunks(x, w, b, chunk_rows):
         forward_into(z, target[rows], class_weight, ones[rows], ones[rows] if need_smooth else None,
                      None, unused_loss[rows], row_max[rows], log_d[rows], unused_dlse[rows], None,
-                     False, softcap, stats[rows])
+                     False, softcap, stats[rows], inv_temp=inv_temp,
+                     entropy=entropy[rows] if entropy is not None else None,
+                     argmax=argmax[rows] if argmax is not None else None)
     return (row_max, log_d, stats[:, 0].clone(),
             stats[:, 1].clone() if need_smooth else None)
 
@@ -254,13 +264,16 @@ def linear_chunked_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: T
                             class_weight: Optional[Tensor], row_max: Tensor, log_d: Tensor,
                             dlse: Tensor, alpha: Tensor, beta: Optional[Tensor],
                             softcap: Optional[float], need_dx: bool, need_dw: bool,
-                            need_db: bool, chunk_rows: int, accum_dtype: torch.dtype):
+                            need_db: bool, chunk_rows: int, accum_dtype: torch.dtype,
+                            inv_temp: float = 1.0, ent: Optional[Tensor] = None):
     """The gradients recomputed chunk by chunk from the saved row statistics (dlse, alpha,
-    beta already hold grad_output) -> (dx in x's dtype, dw and db in accum_dtype)."""
+    beta already hold grad_output; ent (N, 2): the entropy's gradient and sum s z'' per
+    row, or None) -> (dx in x's dtype, dw and db in accum_dtype)."""
     dx, dw, db = _grad_buffers(x, w, need_dx, need_dw, need_db, accum_dtype)
     for rows, z in _logit_chunks(x, w, b, chunk_rows):
         backward_into(z, target[rows], class_weight, row_max[rows], log_d[rows], dlse[rows],
-                      alpha[rows], beta[rows] if beta is not None else None, z, False, softcap)
+                      alpha[rows], beta[rows] if beta is not None else None, z, False, softcap,
+                      inv_temp=inv_temp, ent=ent[rows] if ent is not None else None)
         _chunk_grads(z, x[rows], w, dx[rows] if need_dx else None,
                      dw if need_dw else None, db if need_db else None)
     return dx, dw, db

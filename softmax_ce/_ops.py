@@ -146,31 +146,43 @@ def _(grad, scale):
 @torch.library.custom_op("softmax_ce::lce_fwd", mutates_args=())
 def lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
             class_weight: Optional[Tensor], alpha: Tensor, beta: Optional[Tensor],
-            zeta: Optional[Tensor], softcap: Optional[float]) -> List[Tensor]:
+            zeta: Optional[Tensor], softcap: Optional[float], inv_temp: float) -> List[Tensor]:
     """-> [loss_rows, row_max, log_d, dlse], each (N,) fp32; the (N, V) logits are never stored."""
-    return list(_launch.linear_forward(x, w, b, target, class_weight, alpha, beta, zeta, softcap))
+    return list(_launch.linear_forward(x, w, b, target, class_weight, alpha, beta, zeta, softcap,
+                                       inv_temp))
 
 
 @torch.library.custom_op("softmax_ce::lce_bwd", mutates_args=())
 def lce_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
             class_weight: Optional[Tensor], row_max: Tensor, log_d: Tensor, dlse: Tensor,
             alpha: Tensor, beta: Optional[Tensor], softcap: Optional[float], need_dx: bool,
-            need_dw: bool, need_db: bool, filter_eps: float) -> List[Tensor]:
+            need_dw: bool, need_db: bool, filter_eps: float, inv_temp: float) -> List[Tensor]:
     """-> [dx (N, D), dw (V, D), db (V,)] in fp32, each empty when not needed."""
     return list(_launch.linear_backward(x, w, b, target, class_weight, row_max, log_d, dlse,
                                         alpha, beta, softcap, need_dx, need_dw, need_db,
-                                        filter_eps))
+                                        filter_eps, inv_temp))
 
 
 @torch.library.custom_op("softmax_ce::lce_chunked", mutates_args=())
 def lce_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                 class_weight: Optional[Tensor], alpha: Tensor, beta: Optional[Tensor],
                 zeta: Optional[Tensor], softcap: Optional[float], need_dx: bool, need_dw: bool,
-                need_db: bool, chunk_rows: int, accum_dtype: torch.dtype) -> List[Tensor]:
-    """Chunked on the matmul library: -> [loss_rows, row_max, log_d, dlse, dx, dw, db];
-    the gradients (for grad_output = 1) are computed in this same pass when asked for."""
+                need_db: bool, chunk_rows: int, accum_dtype: torch.dtype, inv_temp: float,
+                token_stats: bool) -> List[Tensor]:
+    """Chunked on the matmul library: -> [loss_rows, row_max, log_d, dlse, dx, dw, db,
+    entropy, argmax]; the gradients (for grad_output = 1) are computed in this same pass
+    when asked for, the entropy and argmax of each row when token_stats (else empty)."""
+    entropy, argmax = _token_outputs(x, token_stats)
     return list(_launch.linear_chunked(x, w, b, target, class_weight, alpha, beta, zeta, softcap,
-                                       need_dx, need_dw, need_db, chunk_rows, accum_dtype))
+                                       need_dx, need_dw, need_db, chunk_rows, accum_dtype,
+                                       inv_temp, entropy if token_stats else None,
+                                       argmax if token_stats else None)) + [entropy, argmax]
+
+
+def _token_outputs(x: Tensor, token_stats: bool):
+    n = x.shape[0] if token_stats else 0
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(n, dtype=dt), x.new_empty(n, dtype=torch.int64)
 
 
 @torch.library.custom_op("softmax_ce::lce_chunked_bwd", mutates_args=())
@@ -178,41 +190,51 @@ def lce_chunked_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                     class_weight: Optional[Tensor], row_max: Tensor, log_d: Tensor,
                     dlse: Tensor, alpha: Tensor, beta: Optional[Tensor],
                     softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool,
-                    chunk_rows: int, accum_dtype: torch.dtype) -> List[Tensor]:
-    """Chunked, recomputing the logits: -> [dx (x's dtype), dw, db (accum_dtype)]."""
+                    chunk_rows: int, accum_dtype: torch.dtype, inv_temp: float,
+                    ent: Optional[Tensor]) -> List[Tensor]:
+    """Chunked, recomputing the logits: -> [dx (x's dtype), dw, db (accum_dtype)]; ent
+    (N, 2): the entropy's gradient and sum s z'' per row, or None."""
     return list(_launch.linear_chunked_backward(x, w, b, target, class_weight, row_max, log_d,
                                                 dlse, alpha, beta, softcap, need_dx, need_dw,
-                                                need_db, chunk_rows, accum_dtype))
+                                                need_db, chunk_rows, accum_dtype, inv_temp, ent))
 
 
 @torch.library.custom_op("softmax_ce::lce_stats", mutates_args=())
 def lce_stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
               class_weight: Optional[Tensor], need_smooth: bool,
-              softcap: Optional[float], chunk_rows: int) -> List[Tensor]:
+              softcap: Optional[float], chunk_rows: int, inv_temp: float,
+              token_stats: bool) -> List[Tensor]:
     """One vocabulary slice's row statistics of x @ w.T + b, for softmax_ce.distributed:
-    -> [row_max, log_d, target_term, smooth_term] ((N,) each; smooth_term empty without
-    smoothing), about this slice's own lse = row_max + log_d.  chunk_rows > 0: chunked on
-    the matmul library; 0: the fused kernel."""
+    -> [row_max, log_d, target_term, smooth_term, entropy, argmax] ((N,) each; smooth_term
+    empty without smoothing, entropy and argmax without token_stats), about this slice's
+    own lse = row_max + log_d.  chunk_rows > 0: chunked on the matmul library; 0: the
+    fused kernel (no token statistics)."""
+    entropy, argmax = _token_outputs(x, token_stats)
     if chunk_rows > 0:
         stats = _launch.linear_chunked_stats(x, w, b, target, class_weight, need_smooth, softcap,
-                                             chunk_rows)
+                                             chunk_rows, inv_temp,
+                                             entropy if token_stats else None,
+                                             argmax if token_stats else None)
     else:
-        stats = _launch.linear_stats(x, w, b, target, class_weight, need_smooth, softcap)
+        stats = _launch.linear_stats(x, w, b, target, class_weight, need_smooth, softcap,
+                                     inv_temp)
     row_max, log_d, target_term, smooth_term = stats
     # the PyTorch path hands back columns of one (N, 3) tensor; an op's outputs may not
     # alias each other, so each leaves as its own (N,) copy
     return [row_max, log_d, target_term.clone(),
-            smooth_term.clone() if smooth_term is not None else row_max.new_empty(0)]
+            smooth_term.clone() if smooth_term is not None else row_max.new_empty(0),
+            entropy, argmax]
 
 
 @lce_stats.register_fake
-def _(x, w, b, target, class_weight, need_smooth, softcap, chunk_rows):
+def _(x, w, b, target, class_weight, need_smooth, softcap, chunk_rows, inv_temp, token_stats):
     row_max, log_d, target_term = _row_outputs(x, 3)
-    return [row_max, log_d, target_term, row_max.new_empty(x.shape[0] if need_smooth else 0)]
+    return [row_max, log_d, target_term, row_max.new_empty(x.shape[0] if need_smooth else 0),
+            *_token_outputs(x, token_stats)]
 
 
 @lce_fwd.register_fake
-def _(x, w, b, target, class_weight, alpha, beta, zeta, softcap):
+def _(x, w, b, target, class_weight, alpha, beta, zeta, softcap, inv_temp):
     return _row_outputs(x)
 
 
@@ -226,20 +248,21 @@ def _grad_outputs(x, w, row_max, need_dx, need_dw, need_db, dx_dtype, acc_dtype)
 
 @lce_bwd.register_fake
 def _(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta, softcap, need_dx, need_dw,
-      need_db, filter_eps):
+      need_db, filter_eps, inv_temp):
     return _grad_outputs(x, w, row_max, need_dx, need_dw, need_db, row_max.dtype, row_max.dtype)
 
 
 @lce_chunked.register_fake
 def _(x, w, b, target, class_weight, alpha, beta, zeta, softcap, need_dx, need_dw, need_db,
-      chunk_rows, accum_dtype):
+      chunk_rows, accum_dtype, inv_temp, token_stats):
     rows = _row_outputs(x)
-    return rows + _grad_outputs(x, w, rows[0], need_dx, need_dw, need_db, x.dtype, accum_dtype)
+    return (rows + _grad_outputs(x, w, rows[0], need_dx, need_dw, need_db, x.dtype, accum_dtype)
+            + list(_token_outputs(x, token_stats)))
 
 
 @lce_chunked_bwd.register_fake
 def _(x, w, b, target, class_weight, row_max, log_d, dlse, alpha, beta, softcap, need_dx, need_dw,
-      need_db, chunk_rows, accum_dtype):
+      need_db, chunk_rows, accum_dtype, inv_temp, ent):
     return _grad_outputs(x, w, row_max, need_dx, need_dw, need_db, x.dtype, accum_dtype)
 
 

@@ -323,7 +323,8 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
             cw = cw_local if need_smooth else None
             if n_local > 0:
                 row_max_r, log_d_r, target_term, smooth_term = _ops.lce_stats(
-                    x, weight, bias, local_t, cw, need_smooth, params.softcap, chunk_rows)
+                    x, weight, bias, local_t, cw, need_smooth, params.softcap, chunk_rows,
+                    params.inv_temp, False)[:4]
                 smooth_term = smooth_term if need_smooth else None
             else:
                 row_max_r, log_d_r, target_term, smooth_term = _empty_slice_stats(

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _extended
 from . import _rows as R
 from . import distributed
 from ._autograd import LinearCrossEntropyFunction, LinearParams, linear_higher_order_error
@@ -38,7 +39,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          accum_dtype: Optional[torch.dtype] = torch.float32,
                          impl: str = "chunked", chunk_bytes: Optional[int] = None,
                          filter_eps: float = 0.0, process_group=None,
-                         loss_dtype: Optional[torch.dtype] = None):
+                         loss_dtype: Optional[torch.dtype] = None, temperature: float = 1.0,
+                         return_entropy: bool = False, return_argmax: bool = False,
+                         return_accuracy: bool = False):
     """`cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight, ...)`
     without the (N, V) logits: torch's `F.linear_cross_entropy` signature and meaning
     (`weight` is the class weights; torch 2.13+), plus our extras as keywords.
@@ -83,9 +86,23 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     loss_dtype: the dtype of the returned loss; by default the input's (fp32 under
         autocast).  The loss is always accumulated in fp32, so `torch.float32` returns it
         unrounded for low-precision inputs, as transformers' losses do.
+    temperature: the softmax sees softcap(x W^T + b) / temperature (both impls).
+    return_entropy, return_argmax, return_accuracy: per-token statistics from the same
+        pass over each chunk of logits (impl="chunked"), returned as a
+        `CrossEntropyOutput(loss, lse, entropy, argmax, accuracy)` as by `cross_entropy`;
+        with them a training step recomputes the logits in the backward (8 N V D FLOPs),
+        where the entropy's gradient is known.
     """
     ignore_index = -100 if ignore_index is None else ignore_index
     R.check_options(reduction, label_smoothing, z_loss, softcap, api=_API)
+    temperature = _extended.check(temperature, False, False, "recompute", R.fail, _API)
+    token_stats = bool(return_entropy or return_argmax or return_accuracy)
+    if token_stats and impl != "chunked":
+        R.fail(NotImplementedError, "return_entropy/argmax/accuracy need impl=\"chunked\" (the "
+                                    "fused kernel keeps no per-token statistics)", _API)
+    if token_stats and process_group is not None:
+        R.fail(NotImplementedError, "return_entropy/argmax/accuracy are not available with "
+                                    "process_group yet", _API)
     if impl not in IMPLS:
         R.fail(ValueError, f"impl={impl!r} is not one of {IMPLS}", _API)
     input_w, bias, process_group = _unwrap_dtensor_head(linear_weight, linear_bias, process_group)
@@ -107,8 +124,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     # otherwise the forward computes no gradient (an eval loop under no_grad)
     trains = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, input_w, bias))
-    params = _params(input, input_w, softcap, impl, reduction, return_lse and trains, options,
-                     chunk_bytes, accum_dtype, filter_eps, trains)
+    params = _params(input, input_w, softcap, impl, reduction,
+                     (return_lse or token_stats) and trains, options, chunk_bytes, accum_dtype,
+                     filter_eps, trains, 1.0 / temperature, token_stats)
 
     n_vocab, dim = input_w.shape
     x2 = input.reshape(-1, dim)
@@ -133,7 +151,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             z_loss, row_dtype, api=_API)
         kernel_cw = cw if beta is not None else None
         with torch.autocast(device_type, enabled=False):
-            loss_rows, lse = LinearCrossEntropyFunction.apply(
+            loss_rows, lse, entropy, argmax = LinearCrossEntropyFunction.apply(
                 x2, input_w, bias, target2, kernel_cw, alpha, beta, zeta, params)
 
     if reduction == "none":
@@ -149,11 +167,20 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         if shift:
             lse = lse[..., :-1]
     loss = loss.to(out_dtype)
-    return (loss, lse) if return_lse else loss
+    if not token_stats:
+        return (loss, lse) if return_lse else loss
+    cut = (lambda t: t[..., :-1]) if shift else (lambda t: t)
+    acc = None
+    if return_accuracy:
+        acc = _extended.accuracy(argmax, target2, target2.long() != ignore_index)
+    return _extended.CrossEntropyOutput(
+        loss, lse if return_lse else None,
+        cut(entropy.reshape(batch_shape)) if return_entropy else None,
+        cut(argmax.reshape(batch_shape)) if return_argmax else None, acc)
 
 
 def _params(x, w, softcap, impl, reduction, return_lse, options, chunk_bytes, accum_dtype,
-            filter_eps, trains) -> LinearParams:
+            filter_eps, trains, inv_temp=1.0, token_stats=False) -> LinearParams:
     if accum_dtype is None or (accum_dtype == torch.float32 and w.dtype == torch.float64):
         accum_dtype = torch.float32 if w.dtype != torch.float64 else torch.float64
     if accum_dtype not in (torch.float32, w.dtype):
@@ -179,7 +206,8 @@ def _params(x, w, softcap, impl, reduction, return_lse, options, chunk_bytes, ac
                         grad_in_forward=(trains and impl == "chunked" and reduction != "none"
                                          and not return_lse),
                         chunk_rows=int(rows), accum_dtype=accum_dtype, filter_eps=float(filter_eps),
-                        allow_retain_graph=bool(getattr(options, "allow_retain_graph", False)))
+                        allow_retain_graph=bool(getattr(options, "allow_retain_graph", False)),
+                        inv_temp=float(inv_temp), token_stats=bool(token_stats))
 
 
 def _unwrap_dtensor_head(weight, bias, process_group):

@@ -321,3 +321,73 @@ def test_torch_compile_matches_eager(path):
     lc.backward()
     assert torch.allclose(lc, le, rtol=1e-6, atol=1e-6) and torch.equal(ac, ae)
     assert torch.allclose(xc.grad, xe.grad, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------
+# linear_cross_entropy: the same options over logits that are never stored
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_linear_temperature(impl, softcap, path):
+    g = gen("lin-temp", impl, softcap, path.name)
+    n, d, v = 11, 8, 41
+    x = torch.randn(n, d, generator=g).requires_grad_()
+    w = torch.randn(v, d, generator=g).requires_grad_()
+    b = torch.randn(v, generator=g).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    t[4] = -100
+    loss = softmax_ce.linear_cross_entropy(x, w, t, linear_bias=b, impl=impl, softcap=softcap,
+                                           temperature=0.7, chunk_bytes=3 * v * 4)
+    xr, wr, br = (p.detach().double().requires_grad_() for p in (x, w, b))
+    ref = F.cross_entropy(transformed(F.linear(xr, wr, br), softcap, 0.7), t)
+    loss.backward()
+    ref.backward()
+    assert_close_to_ref(loss, ref, torch.float32, what="loss")
+    for got, want, name in ((x.grad, xr.grad, "dx"), (w.grad, wr.grad, "dw"), (b.grad, br.grad, "db")):
+        assert_close_to_ref(got, want, torch.float32, rtol=2e-5, scale_atol=2e-6, what=name)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_linear_statistics_and_entropy_gradient(shift, path, poisoned):
+    """chunked over several chunks of rows: lse, entropy, argmax, accuracy per token, and a
+    backward through loss + entropy (recomputed chunk by chunk), against fp64."""
+    g = gen("lin-stats", shift, path.name)
+    bsz, seq, d, v = 2, 6, 8, 37
+    x = torch.randn(bsz, seq, d, generator=g).requires_grad_()
+    w = torch.randn(v, d, generator=g).requires_grad_()
+    t = torch.randint(0, v, (bsz, seq), generator=g)
+    t[0, 2] = -100
+    out = softmax_ce.linear_cross_entropy(
+        x, w, t, shift=shift, temperature=1.4, return_lse=True, return_entropy=True,
+        return_argmax=True, return_accuracy=True, chunk_bytes=4 * v * 4)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    z = F.linear(xr, wr) / 1.4
+    tt = t
+    if shift:
+        z, tt = z[:, :-1], t[:, 1:]
+    ref = F.cross_entropy(z.reshape(-1, v), tt.reshape(-1))
+    ref_h = ref_entropy(z)
+    raw = F.linear(x.detach(), w.detach())
+    raw = raw[:, :-1] if shift else raw
+    assert_close_to_ref(out.loss, ref, torch.float32, what="loss")
+    assert_close_to_ref(out.lse, torch.logsumexp(z, -1), torch.float32, what="lse")
+    assert_close_to_ref(out.entropy, ref_h, torch.float32, rtol=2e-5, what="entropy")
+    assert torch.equal(out.argmax, raw.argmax(-1))
+    valid = tt != -100
+    expect = ((raw.argmax(-1) == tt) & valid).sum().double() / valid.sum()
+    assert abs(out.accuracy.item() - expect.item()) < 1e-7
+    uh = torch.randn(ref_h.shape, generator=g)
+    (out.loss + (out.entropy * uh).sum()).backward()
+    (ref + (ref_h * uh.double()).sum()).backward()
+    assert_close_to_ref(x.grad, xr.grad, torch.float32, rtol=2e-5, scale_atol=2e-6, what="dx")
+    assert_close_to_ref(w.grad, wr.grad, torch.float32, rtol=2e-5, scale_atol=2e-6, what="dw")
+
+
+def test_linear_statistics_need_the_chunked_impl():
+    x, w = torch.randn(4, 8), torch.randn(10, 8)
+    t = torch.randint(0, 10, (4,))
+    with pytest.raises(NotImplementedError, match="chunked"):
+        softmax_ce.linear_cross_entropy(x, w, t, impl="fused", return_entropy=True)
+    with pytest.raises(ValueError, match="temperature"):
+        softmax_ce.linear_cross_entropy(x, w, t, temperature=-2.0)
