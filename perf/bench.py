@@ -5,7 +5,11 @@ Two sections, each a declarative table of shapes and providers (below):
 * "ce": cross-entropy on given logits (N, V), reduction="mean", class-index targets.
   Providers: softmax_ce (grad_mode "recompute"), softmax_ce_fused, softmax_ce_inplace
   (inplace_backward=True), torch (F.cross_entropy eager), torch_compile, liger
-  (liger_kernel's LigerCrossEntropyLoss), quack (quack.cross_entropy).  Modes:
+  (liger_kernel's LigerCrossEntropyLoss), quack (quack.cross_entropy); and, to measure
+  what the options cost beside the plain loss: softmax_ce_stats (temperature=2.0,
+  return_entropy=True, return_argmax=True; the backward differentiates the loss) and
+  softmax_ce_teacher (target_logits=True: a second (N, V) tensor of the logits' dtype,
+  the teacher's logits, is the target).  Modes:
     forward   the training forward (the logits require grad, so each provider saves what
               its backward needs)
     backward  the backward alone, grad_output a random scalar; each call gets a fresh
@@ -32,18 +36,24 @@ Numbers, per CSV row:
                                                    the gradient), backward 2b (rescale, as
                                                    grad_output != 1), fwd+bwd 5b; for
                                                    V <= 8192 (one tile) forward 2b, 4b in all
+      softmax_ce_stats                             as recompute: temperature, entropy and
+                                                   argmax add no bytes per element
+      softmax_ce_teacher                           recompute + one read of the teacher's row
+                                                   per pass: forward 2b, backward 3b,
+                                                   fwd+bwd 5b
   Peers are charged the NOMINAL bytes (the recompute model, the least any implementation
-  moves), so their gbps is an effective bandwidth; eff_gbps charges every provider, ours
-  too, the nominal bytes, so it ranks by time alone.  Linear rows: gbps from the nominal
-  reads of x and W per pass (and writes of dx, dW), tflops from 2NVD (forward), 4NVD
-  (backward), 6NVD (fwd+bwd) for every provider.
+  of the plain loss moves), so their gbps is an effective bandwidth; eff_gbps charges every
+  provider, ours too, the nominal bytes, so it ranks by time alone.  Linear rows: gbps from
+  the nominal reads of x and W per pass (and writes of dx, dW), tflops from 2NVD (forward),
+  4NVD (backward), 6NVD (fwd+bwd) for every provider.
 * copy_gbps: a --copy-mib device-to-device copy, read + write, once per run: the ceiling.
 * peak_mem_mb (MiB): CUDA: torch.cuda.max_memory_allocated during the call minus what was
   allocated before it; peak_beyond_grad_mb also less the new gradient(s) it returns.
   Empty on CPU.
 
 Rows are appended to the CSV as measured (default perf/out/<gpu-key>/bench.csv, git-ignored),
-so a run cut short keeps them; a table is printed last, and on CUDA a summary against GOALS.
+so a run cut short keeps them; a table is printed last, then each option's time against
+the plain loss, and on CUDA a summary against GOALS.
 
 Run:
     python perf/bench.py --quick                       # the goal shapes, every provider
@@ -68,6 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -96,9 +107,11 @@ RECOMPUTE = {"forward": 1, "backward": 2, "fwd+bwd": 3}  # read; read + write; 3
 # LLM sizes) and writes the gradient; the backward rescales it (grad_output is not 1 here)
 FUSED = {"forward": 3, "backward": 2, "fwd+bwd": 5}
 FUSED_ONE_TILE = {"forward": 2, "backward": 2, "fwd+bwd": 4}  # a one-tile row is read once
+TEACHER = {"forward": 2, "backward": 3, "fwd+bwd": 5}  # recompute + the teacher's row per pass
 NOMINAL = RECOMPUTE
 LINEAR_FLOP = {"forward": 2, "backward": 4, "fwd+bwd": 6}   # x N*V*D
 LINEAR_BYTES = {"forward": 1, "backward": 2, "fwd+bwd": 3}  # x (N + V)*D*b
+STATS_OPTIONS = dict(temperature=2.0, return_entropy=True, return_argmax=True)
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,8 @@ class Provider:
     cpu_default: bool = True
     overwrites_input: bool = False  # the logits hold a gradient afterwards: refill them
     floor: bool = False
+    teacher: bool = False   # its target is a second (N, V) tensor: the teacher's logits
+    option: bool = False    # an option beyond the plain loss: compared with softmax_ce only
 
 
 def byte_model(provider, vocab):
@@ -118,8 +133,10 @@ def byte_model(provider, vocab):
     return FUSED_ONE_TILE if provider.bytes is FUSED and vocab <= 8192 else provider.bytes
 
 
-def _ours(fn, **options):
-    return lambda: (lambda *a: fn(*a, **options))
+def _ours(fn, field=None, **options):
+    if field is None:
+        return lambda: (lambda *a: fn(*a, **options))
+    return lambda: (lambda *a: getattr(fn(*a, **options), field))
 
 
 def _torch_compile():
@@ -159,6 +176,10 @@ CE_PROVIDERS = {p.name: p for p in (
     Provider("softmax_ce_fused", _ours(softmax_ce.cross_entropy, grad_mode="fused"), FUSED),
     Provider("softmax_ce_inplace", _ours(softmax_ce.cross_entropy, inplace_backward=True),
              RECOMPUTE, overwrites_input=True),
+    Provider("softmax_ce_stats", _ours(softmax_ce.cross_entropy, "loss", **STATS_OPTIONS),
+             RECOMPUTE, option=True),
+    Provider("softmax_ce_teacher", _ours(softmax_ce.cross_entropy, target_logits=True), TEACHER,
+             teacher=True, option=True),
     Provider("torch", lambda: (lambda x, t: F.cross_entropy(x, t)), NOMINAL),
     Provider("torch_compile", _torch_compile, NOMINAL, cpu_default=False),
     Provider("liger", _liger, NOMINAL, "liger_kernel.transformers", True, overwrites_input=True),
@@ -181,9 +202,10 @@ GOALS = dict(forward_copy_fraction=0.90, forward_min_vocab=32000,  # forward >= 
              goal_shape=("bf16", 8192, 128256), vs_liger=2.0, vs_torch_compile=1.5,
              extra_bytes_per_row=1024)  # "O(N)": peak beyond the gradient <= 1 KiB per row
 
-COLUMNS = ["timestamp", "gpu", "section", "provider", "mode", "dtype", "n_rows", "vocab", "hidden",
-           "ms", "gbps", "eff_gbps", "bytes_per_elem", "tflops", "peak_mem_mb",
-           "peak_beyond_grad_mb", "copy_gbps", "path", "torch", "triton", "git_sha", "note"]
+KEY = ["section", "provider", "mode", "dtype", "n_rows", "vocab", "hidden"]
+COLUMNS = ["timestamp", "gpu", *KEY, "ms", "gbps", "eff_gbps", "bytes_per_elem", "tflops",
+           "peak_mem_mb", "peak_beyond_grad_mb", "copy_gbps", "path", "torch", "triton",
+           "git_sha", "note"]
 
 
 def availability(p, device):
@@ -269,8 +291,7 @@ class GradOut:
 
 
 def row_key(r):
-    return tuple(str(r.get(k) or "") for k in ("section", "provider", "mode", "dtype", "n_rows",
-                                               "vocab", "hidden"))
+    return tuple(str(r.get(k) or "") for k in KEY)
 
 
 class Run:
@@ -280,20 +301,19 @@ class Run:
         self.prov = dict(gpu=C.device_name(self.device), git_sha=C.git_sha(), **C.versions())
         self.t0, self.rows, self.skipped, self.resumed, self.copy_gbps = time.monotonic(), [], [], [], None
         if a.resume and Path(a.csv).exists():
-            self.resumed = [r for r in C.read_rows(a.csv)
-                            if r.get("ms") and all(r.get(k) == v for k, v in self.prov.items())]
+            old = pd.read_csv(a.csv, dtype=str, keep_default_na=False).to_dict("records")
+            self.resumed = [r for r in old if r.get("ms") and all(r.get(k) == v for k, v in self.prov.items())]
         self.done = {row_key(r) for r in self.resumed}
 
     def over_budget(self):
         return self.a.time_budget is not None and time.monotonic() - self.t0 > self.a.time_budget
 
     def time(self, fn, setup):
-        a = self.a
         if not self.cuda:
-            return C.cpu_median_ms(fn, setup=setup, reps=a.cpu_reps)
+            return C.cpu_median_ms(fn, setup=setup, reps=self.a.cpu_reps)
         if setup is None:
-            return C.do_bench_median(fn, warmup_ms=a.warmup_ms, rep_ms=a.rep_ms)
-        return C.cuda_median_ms(fn, setup, rep_ms=a.rep_ms)
+            return C.do_bench_median(fn, warmup_ms=self.a.warmup_ms, rep_ms=self.a.rep_ms)
+        return C.cuda_median_ms(fn, setup, rep_ms=self.a.rep_ms)
 
     def emit(self, row):
         row = dict(timestamp=C.utc_now(), copy_gbps=self.copy_gbps, **self.prov, **row)
@@ -306,12 +326,12 @@ class Run:
         self.bar.set_postfix_str(f"{row['provider']} {row['mode']} V={row['vocab']} "
                                  + (f"{C.sig(row.get('ms'))} ms" if row.get("ms") else row["note"][:40]))
 
-    def shape(self, section, providers, modes, dt, n, v, d, make_inputs, measure):
+    def shape(self, section, providers, dt, n, v, d, make_inputs, measure):
         """Every (provider, mode) of one shape: inputs made once, rows emitted as measured."""
         base = dict(section=section, dtype=dt, n_rows=n, vocab=v, hidden=d)
-        todo = [(p, m) for p in providers for m in modes
-                if row_key(dict(base, provider=p.name, mode=m)) not in self.done]
-        if not todo:
+        todo = {p.name: [m for m in self.a.modes if row_key(dict(base, provider=p.name, mode=m))
+                         not in self.done] for p in providers}
+        if not any(todo.values()):
             return
         if self.over_budget():
             self.skipped.append(f"{section} {dt} N={n} V={v}" + (f" D={d}" if d else ""))
@@ -319,24 +339,21 @@ class Run:
         try:
             inputs = make_inputs()
         except Exception as exc:
-            for p, m in todo:
-                self.emit(dict(base, provider=p.name, mode=m, note="inputs: " + error_note(exc)))
+            for p in providers:
+                for m in todo[p.name]:
+                    self.emit(dict(base, provider=p.name, mode=m, note="inputs: " + error_note(exc)))
             return self.free()
-        for p in providers:
-            p_modes = [m for pp, m in todo if pp is p]
-            if not p_modes:
-                continue
+        for p in (p for p in providers if todo[p.name]):
             if self.over_budget():
                 self.skipped.append(f"{section} {p.name} {dt} N={n} V={v}")
                 continue
-            note = availability(p, self.device)
-            fn = None
+            note, fn = availability(p, self.device), None
             if not note:
                 try:
                     fn = p.make()
                 except Exception as exc:
                     note = error_note(exc)
-            for m in p_modes:
+            for m in todo[p.name]:
                 row = dict(base, provider=p.name, mode=m, note=note)
                 if not note:
                     try:
@@ -365,48 +382,53 @@ def n_copies(run, nbytes):
     return max(1, min(8, want, int(0.25 * props.total_memory // max(nbytes, 1))))
 
 
-def run_ce(run, shapes, providers, modes):
-    dev, seed = run.device, run.a.seed
+def run_ce(run, shapes, providers):
+    dev = run.device
     for dt, n, v in itertools.product(shapes["dtypes"], shapes["rows"], shapes["vocab"]):
         dtype = C.torch_dtype(dt)
         b = dtype.itemsize
         k = n_copies(run, n * v * b)
-        gen = torch.Generator(device=dev).manual_seed(seed)
+        gen = torch.Generator(device=dev).manual_seed(run.a.seed)
         state = {"dirty": False}
 
         def make():  # handed over as an LM head's output: the in-place providers may overwrite
-            return ([C.handover(torch.randn(n, v, generator=gen, device=dev, dtype=dtype))
-                     for _ in range(k)], torch.randint(0, v, (n,), generator=gen, device=dev),
-                    GradOut(float(torch.rand((), generator=gen, device=dev)) * 1.5 + 0.5, dev))
+            xs = [C.handover(torch.randn(n, v, generator=gen, device=dev, dtype=dtype)) for _ in range(k)]
+            target = torch.randint(0, v, (n,), generator=gen, device=dev)
+            gout = GradOut(float(torch.rand((), generator=gen, device=dev)) * 1.5 + 0.5, dev)
+            return xs, target, gout, {}
 
         def measure(p, loss_fn, m, inputs, row):
-            xs, target, gout = inputs
+            xs, target, gout, teachers = inputs
             if state["dirty"]:  # an in-place provider left gradients in the logits
                 with torch.no_grad():
                     for x in xs:
                         x.normal_(generator=gen)
             state["dirty"] |= p.overwrites_input
+            if p.teacher and not teachers:  # one teacher per copy of the logits, made once
+                teachers.update((i, torch.randn(n, v, generator=gen, device=dev, dtype=dtype))
+                                for i in range(k))
+            tgts = [teachers[i] for i in range(k)] if p.teacher else [target] * k
             model = byte_model(p, v)
             row.update(bytes_per_elem=model[m] * b, path=C.path_name(xs[0]) if
                        p.name.startswith("softmax_ce") else "", note="; ".join(
                            filter(None, [row["note"], f"{k} input copies" if k > 1 else ""])))
-            fn, setup = cases(loss_fn, m, [(x, target) for x in xs], (0,), gout)
+            fn, setup = cases(loss_fn, m, list(zip(xs, tgts)), (0,), gout)
             ms = row["ms"] = run.time(fn, setup)
             row["gbps"] = model[m] * b * n * v / (ms * 1e-3) / 1e9
             row["eff_gbps"] = NOMINAL[m] * b * n * v / (ms * 1e-3) / 1e9
             if run.cuda:
                 row["peak_mem_mb"], row["peak_beyond_grad_mb"] = peak_of(
-                    loss_fn, m, (xs[0], target), [xs[0]], gout, dev)
+                    loss_fn, m, (xs[0], tgts[0]), [xs[0]], gout, dev)
 
-        run.shape("ce", providers, modes, dt, n, v, "", make, measure)
+        run.shape("ce", providers, dt, n, v, "", make, measure)
 
 
-def run_linear(run, shapes, providers, modes):
-    dev, seed = run.device, run.a.seed
+def run_linear(run, shapes, providers):
+    dev = run.device
     for dt, n, v, d in itertools.product(shapes["dtypes"], shapes["rows"], shapes["vocab"],
                                          shapes["hidden"]):
         dtype = C.torch_dtype(dt)
-        gen = torch.Generator(device=dev).manual_seed(seed)
+        gen = torch.Generator(device=dev).manual_seed(run.a.seed)
 
         def make():  # x and W exceed the L2 at the table's shapes: one copy
             return (torch.randn(n, d, generator=gen, device=dev, dtype=dtype).requires_grad_(),
@@ -430,41 +452,48 @@ def run_linear(run, shapes, providers, modes):
                     cuda_peak(fn, dev) if p.floor else peak_of(loss_fn, m, (x, w, target), [x, w],
                                                                gout, dev))
 
-        run.shape("linear", providers, modes, dt, n, v, d, make, measure)
+        run.shape("linear", providers, dt, n, v, d, make, measure)
+
+
+def _latest(rows):
+    """The latest row per key with a time, numbers as floats (rows may be CSV strings)."""
+    df = pd.DataFrame(list({row_key(r): r for r in rows}.values()))
+    if df.empty:
+        return df
+    for c in ("ms", "gbps", "copy_gbps", "peak_beyond_grad_mb", "n_rows", "vocab"):
+        df[c] = pd.to_numeric(df[c], errors="coerce") if c in df else float("nan")
+    return df[(df["section"] == "ce") & df["ms"].notna()]
 
 
 def goals_report(rows):
     """Lines judging rows (this run's and resumed ones, CSV strings or numbers) against GOALS;
     the latest row per key counts."""
-    f = lambda v: float(v) if v not in (None, "") else None  # noqa: E731
-    G, out = GOALS, []
-    rows = list({row_key(r): r for r in rows}.values())
-    ce = [r for r in rows if r["section"] == "ce" and f(r.get("ms"))]
-
-    def frac(r):
-        return f(r.get("gbps")) / f(r["copy_gbps"]) if f(r.get("gbps")) and f(r.get("copy_gbps")) else None
+    G, out, ce = GOALS, [], _latest(rows)
+    if ce.empty:
+        ce = pd.DataFrame(columns=KEY + ["ms", "gbps", "copy_gbps", "peak_beyond_grad_mb"])
+    ce = ce.assign(frac=ce["gbps"] / ce["copy_gbps"])
 
     def judge(label, sel, want):
-        if not sel:
+        sel = sel.dropna(subset=["frac"])
+        if sel.empty:
             return f"n/a   {label}: no rows"
-        worst = min(sel, key=frac)
-        n_ok = sum(frac(r) >= want for r in sel)
+        worst, n_ok = sel.loc[sel["frac"].idxmin()], int((sel["frac"] >= want).sum())
         return (f"{'PASS' if n_ok == len(sel) else 'FAIL'}  {label}: {n_ok}/{len(sel)} rows; worst "
-                f"{frac(worst):.1%} ({worst['dtype']}, N={worst['n_rows']}, V={worst['vocab']})")
+                f"{worst['frac']:.1%} ({worst['dtype']}, N={worst['n_rows']:.0f}, V={worst['vocab']:.0f})")
     out.append(judge(f"forward >= {G['forward_copy_fraction']:.0%} of copy bandwidth (softmax_ce, "
                      f"V >= {G['forward_min_vocab']})",
-                     [r for r in ce if r["provider"] == "softmax_ce" and r["mode"] == "forward"
-                      and int(r["vocab"]) >= G["forward_min_vocab"] and frac(r)],
-                     G["forward_copy_fraction"]))
+                     ce[(ce["provider"] == "softmax_ce") & (ce["mode"] == "forward")
+                        & (ce["vocab"] >= G["forward_min_vocab"])], G["forward_copy_fraction"]))
     for name in [n for n in CE_PROVIDERS if n.startswith("softmax_ce")]:
         out.append(judge(f"fwd+bwd >= {G['step_copy_fraction']:.0%} of copy bandwidth ({name}, its "
-                         f"byte model)", [r for r in ce if r["provider"] == name and
-                                          r["mode"] == "fwd+bwd" and frac(r)], G["step_copy_fraction"]))
+                         f"byte model)", ce[(ce["provider"] == name) & (ce["mode"] == "fwd+bwd")],
+                         G["step_copy_fraction"]))
     dt, n, v = G["goal_shape"]
-    at = {r["provider"]: f(r["ms"]) for r in ce if r["mode"] == "fwd+bwd" and r["dtype"] == dt
-          and int(r["n_rows"]) == n and int(r["vocab"]) == v}
+    at = ce[(ce["mode"] == "fwd+bwd") & (ce["dtype"] == dt) & (ce["n_rows"] == n) & (ce["vocab"] == v)]
+    at = dict(zip(at["provider"], at["ms"]))
     ours = at.get("softmax_ce")
-    best = min(((ms, p) for p, ms in at.items() if p.startswith("softmax_ce")), default=None)
+    plain = [p for p in CE_PROVIDERS if p.startswith("softmax_ce") and not CE_PROVIDERS[p].option]
+    best = min(((at[p], p) for p in plain if p in at), default=None)
     for peer, want in (("liger", G["vs_liger"]), ("torch_compile", G["vs_torch_compile"])):
         label = f"fwd+bwd >= {want:g}x faster than {peer} at N={n}, V={v}, {dt}"
         if ours is None or at.get(peer) is None:
@@ -474,16 +503,33 @@ def goals_report(rows):
         extra = f"; best variant {best[1]} {at[peer] / best[0]:.2f}x" if best[1] != "softmax_ce" else ""
         out.append(f"{'PASS' if sp >= want else 'FAIL'}  {label}: {sp:.2f}x ({ours:.3f} ms vs "
                    f"{at[peer]:.3f} ms){extra}")
-    mem = [r for r in ce if r["provider"].startswith("softmax_ce") and r["mode"] == "fwd+bwd"
-           and f(r.get("peak_beyond_grad_mb")) is not None]
-    if not mem:
+    mem = ce[ce["provider"].str.startswith("softmax_ce") & (ce["mode"] == "fwd+bwd")
+             & ce["peak_beyond_grad_mb"].notna()]
+    if mem.empty:
         return out + ["n/a   peak memory beyond the gradient O(N): no rows"]
-    per_row = lambda r: f(r["peak_beyond_grad_mb"]) * MiB / int(r["n_rows"])  # noqa: E731
-    w = max(mem, key=per_row)
-    ok = per_row(w) <= G["extra_bytes_per_row"]
+    per_row = mem["peak_beyond_grad_mb"] * MiB / mem["n_rows"]
+    w = mem.loc[per_row.idxmax()]
+    ok = per_row.max() <= G["extra_bytes_per_row"]
     return out + [f"{'PASS' if ok else 'FAIL'}  peak memory beyond the gradient O(N) (<= "
-                  f"{G['extra_bytes_per_row']} B/row): worst {per_row(w):.0f} B/row ({w['provider']}, "
-                  f"{w['dtype']}, N={w['n_rows']}, V={w['vocab']})"]
+                  f"{G['extra_bytes_per_row']} B/row): worst {per_row.max():.0f} B/row ({w['provider']}, "
+                  f"{w['dtype']}, N={w['n_rows']:.0f}, V={w['vocab']:.0f})"]
+
+
+def options_report(rows):
+    """Per shape and mode: each option provider's time over the plain softmax_ce's, beside
+    the ratio of their byte models (what a bandwidth-bound kernel would take)."""
+    ce, out = _latest(rows), []
+    if ce.empty:
+        return out
+    plain = ce[ce["provider"] == "softmax_ce"].set_index(["dtype", "n_rows", "vocab", "mode"])["ms"]
+    for _, r in ce[ce["provider"].map(lambda p: p in CE_PROVIDERS and CE_PROVIDERS[p].option)].iterrows():
+        base = plain.get((r["dtype"], r["n_rows"], r["vocab"], r["mode"]))
+        if base:
+            model = byte_model(CE_PROVIDERS[r["provider"]], r["vocab"])[r["mode"]] / RECOMPUTE[r["mode"]]
+            out.append(f"{r['provider']:<20} {r['mode']:<8} {r['dtype']} N={r['n_rows']:.0f} "
+                       f"V={r['vocab']:.0f}: {r['ms'] / base:.2f}x softmax_ce's time "
+                       f"(byte model {model:.2f}x)")
+    return out
 
 
 def print_tables(rows):
@@ -493,8 +539,9 @@ def print_tables(rows):
               ("n_rows", "N", "{}"), ("vocab", "V", "{}")]
     if ce:
         print(C.table(ce, common + [("ms", "ms", C.sig), ("gbps", "GB/s", C.sig),
-                                    ("pct", "%copy", lambda v: C.sig(100 * v, 2) + "%"), ("peak_mem_mb", "peak MiB", "{:.1f}"),
-                                    ("note", "note", None)], na="-"))
+                                    ("pct", "%copy", lambda v: C.sig(100 * v, 2) + "%"),
+                                    ("peak_mem_mb", "peak MiB", "{:.1f}"), ("note", "note", None)],
+                      na="-"))
     lin = [r for r in rows if r["section"] == "linear"]
     if lin:
         print("\n" + C.table(lin, common + [
@@ -541,43 +588,33 @@ def parse_args(argv):
     for shapes in (ce, lin):
         shapes.update({k: v for k, v in (("vocab", a.vocab), ("rows", a.rows), ("dtypes", a.dtypes)) if v})
     lin["hidden"] = a.hidden or lin["hidden"]
-    a.ce_shapes, a.linear_shapes = ce, lin
+    a.shapes = {"ce": ce, "linear": lin}
     a.copy_mib = a.copy_mib or (2048 if cuda else 64)
     a.csv = a.csv or str(C.out_dir(C.device_key(a.device)) / "bench.csv")
     return a
 
 
-def count_rows(a):
-    n = 0
-    if "ce" in a.sections:
-        s = a.ce_shapes
-        n += len(s["dtypes"]) * len(s["rows"]) * len(s["vocab"]) * len(a.ce_providers) * len(a.modes)
-    if "linear" in a.sections:
-        s = a.linear_shapes
-        n += (len(s["dtypes"]) * len(s["rows"]) * len(s["vocab"]) * len(s["hidden"])
-              * len(a.linear_providers) * len(a.modes))
-    return n
-
-
 def main(argv=None):
     a = parse_args(list(sys.argv[1:] if argv is None else argv))
     run = Run(a)
-    probe = torch.empty(1, device=run.device)
-    print(f"softmax_ce bench on {run.prov['gpu']} | softmax_ce path: {C.path_name(probe)} | torch "
-          f"{run.prov['torch']} | triton {run.prov['triton']} | git {run.prov['git_sha']} | "
-          f"csv {a.csv}", flush=True)
-    print("gbps: bytes of each provider's byte model / time (peers: nominal = recompute model, "
+    print(f"softmax_ce bench on {run.prov['gpu']} | softmax_ce path: "
+          f"{C.path_name(torch.empty(1, device=run.device))} | torch {run.prov['torch']} | triton "
+          f"{run.prov['triton']} | git {run.prov['git_sha']} | csv {a.csv}\n"
+          "gbps: bytes of each provider's byte model / time (peers: nominal = recompute model, "
           "i.e. effective bandwidth); see the module docstring", flush=True)
     run.copy_gbps = C.copy_gbps(run.device, a.copy_mib * MiB)
     print(f"copy bandwidth ({a.copy_mib} MiB, read + write, median): {C.sig(run.copy_gbps)} GB/s",
           flush=True)
-    run.bar = tqdm(total=count_rows(a) - len(run.done), desc="bench", unit="row", file=sys.stderr,
+    sections = [(s, run_ce if s == "ce" else run_linear, a.ce_providers if s == "ce" else
+                 a.linear_providers) for s in ("ce", "linear") if s in a.sections]
+    total = sum(math.prod(len(v) for v in a.shapes[s].values()) * len(ps) * len(a.modes)
+                for s, _, ps in sections)
+    run.bar = tqdm(total=total - len(run.done), desc="bench", unit="row", file=sys.stderr,
                    disable=a.no_progress)
     try:
-        if "ce" in a.sections and a.ce_providers:
-            run_ce(run, a.ce_shapes, a.ce_providers, a.modes)
-        if "linear" in a.sections and a.linear_providers:
-            run_linear(run, a.linear_shapes, a.linear_providers, a.modes)
+        for s, fn, providers in sections:
+            if providers:
+                fn(run, a.shapes[s], providers)
     finally:
         run.bar.close()
     print()
@@ -586,6 +623,9 @@ def main(argv=None):
         print(f"\n--resume: {len(run.resumed)} rows already in {a.csv} were not re-measured")
     if run.skipped:
         print(f"\ntime budget ({a.time_budget:g} s) spent; not measured: " + "; ".join(run.skipped))
+    options = options_report([*run.resumed, *run.rows])
+    if options:
+        print("\noptions against the plain loss:\n" + "\n".join("  " + line for line in options))
     print()
     if run.cuda:
         print("goals:\n" + "\n".join("  " + line for line in goals_report([*run.resumed, *run.rows])))

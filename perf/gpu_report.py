@@ -12,8 +12,11 @@ stage whose minimum does not fit is skipped with a line saying so):
 3. bench    perf/bench.py against every peer that imports (torch eager, torch.compile, Liger,
             CCE, QuACK, torch's chunked F.linear_cross_entropy): cross-entropy forward,
             backward and training step at N=8192, V in HEADLINE_VOCAB, bf16 (goal shape
-            first), then the linear CE at Llama-3-8B's head (N=8192, D=4096, V=128256):
-            bench.csv, appended row by row; plotted after each part
+            first), with the options measured beside the plain loss (softmax_ce_stats:
+            temperature 2, entropy and argmax, no extra bytes; softmax_ce_teacher: bf16
+            teacher logits as the target, one more read of the teacher's row per pass),
+            then the linear CE at Llama-3-8B's head (N=8192, D=4096, V=128256): bench.csv,
+            appended row by row; plotted after each part
 4. tune     perf/autotune.py on the headline shapes (LCE first, then the CE kernels, goal
             vocabulary first): tuned/<gpu-key>.json and autotune.csv
 5. bundle   every file of DIR into DIR/gpu-report-<gpu-key>.tar.gz, also when the run is
@@ -60,7 +63,7 @@ import json, sys, torch
 sys.path.insert(0, sys.argv[2]); import _common as C
 dev = torch.device(sys.argv[1])
 info = dict(device=C.device_name(dev), key=C.device_key(dev), torch=torch.__version__,
-            triton=C.triton_version(), python=sys.version.split()[0], git_sha=C.git_sha(),
+            triton=C.package_version("triton"), python=sys.version.split()[0], git_sha=C.git_sha(),
             path=C.path_name(torch.empty(1, device=dev)),
             peers={p: C.package_version(p) for p in %r})
 if dev.type == "cuda":

@@ -26,6 +26,9 @@ def test_gpu_report_dry_run(tmp_path):
     ours = bench[bench["provider"].str.startswith("softmax_ce")]
     assert set(ours["path"]) == {"Triton interpreter", "PyTorch path"}
     assert (ours["ms"] > 0).all() and (ours["gbps"] > 0).all()
+    for option in ("softmax_ce_stats", "softmax_ce_teacher"):  # measured beside the plain loss
+        rows = ours[ours["provider"] == option]
+        assert len(rows) == 2 * 3 and set(rows["path"]) == {"Triton interpreter", "PyTorch path"}
     peers = bench[bench["provider"].isin(["liger", "cce", "quack"])]
     assert peers["ms"].isna().all() and peers["note"].str.match("unavailable|skipped").all()
     assert {"bench_gbps_fp32.png", "roofline.png", "autotune.png"} <= {p.name for p in out.iterdir()}

@@ -70,8 +70,8 @@ def fresh_tables():
 # bench.py
 # ----------------------------------------------------------------------------
 
-BENCH_PROVIDERS = ("softmax_ce,softmax_ce_fused,softmax_ce_inplace,torch,"
-                   "softmax_ce_linear,torch_unfused,matmul_floor")
+BENCH_PROVIDERS = ("softmax_ce,softmax_ce_fused,softmax_ce_inplace,softmax_ce_stats,"
+                   "softmax_ce_teacher,torch,softmax_ce_linear,torch_unfused,matmul_floor")
 
 
 def bench_argv(device, csv_path, *extra, dtype="fp32"):
@@ -89,7 +89,7 @@ def test_bench_writes_csv(bench, tmp_path, device):
     rows = bench.main(bench_argv(device, csv_path, "--providers", BENCH_PROVIDERS, dtype=dtype))
     on_disk = read_csv(csv_path)
     assert REQUIRED <= set(on_disk[0])
-    assert len(on_disk) == len(rows) == 7 * 3  # providers x modes
+    assert len(on_disk) == len(rows) == 9 * 3  # providers x modes
     assert {r["section"] for r in on_disk} == {"ce", "linear"}
     assert {r["mode"] for r in on_disk} == {"forward", "backward", "fwd+bwd"}
     for r in on_disk:
@@ -109,6 +109,14 @@ def test_bench_writes_csv(bench, tmp_path, device):
             assert r["peak_mem_mb"] == ""  # not measured on CPU
         if r["provider"].startswith("softmax_ce"):  # which back end ran, on every row
             assert r["path"] == ("CUDA Triton kernels" if device == "cuda" else "Triton interpreter"), r
+
+    # the options' byte models: temperature, entropy and argmax add nothing; the teacher
+    # one read of its row per pass
+    assert bench.byte_model(bench.CE_PROVIDERS["softmax_ce_stats"], 64) == bench.RECOMPUTE
+    assert bench.byte_model(bench.CE_PROVIDERS["softmax_ce_teacher"], 64) == {
+        "forward": 2, "backward": 3, "fwd+bwd": 5}
+    lines = bench.options_report(rows)
+    assert len(lines) == 2 * 3 and all("x softmax_ce's time (byte model" in ln for ln in lines), lines
 
     # a second run appends under the same header, and --resume skips what is there
     again = bench.main(bench_argv(device, csv_path, "--providers", "torch", "--modes",
