@@ -35,7 +35,6 @@ From Python, ``main([...])`` returns the rows (dicts).
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -56,11 +55,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("softmax_ce_perf_common", Path(__file__).resolve().with_name("_common.py"))
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules[_spec.name])
-C = sys.modules[_spec.name]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+sys.path.pop(0)
 
 AT = C.load_module("softmax_ce_perf_autotune", C.PERF_DIR / "autotune.py")
 
@@ -76,13 +73,20 @@ DTYPES = ("bf16", "fp32")
 CE_ROWS = 2
 LCE_ROWS, LCE_HIDDEN = 16, 256
 
-# Compile-only variants beside perf/autotune.py's timed ones: every per-element option on,
-# the most registers a streaming kernel can need.
+# Compile-only variants beside perf/autotune.py's timed ones: every per-element option on
+# (the most registers a streaming kernel can need), and the options of cross_entropy's
+# temperature / return_entropy / return_argmax (token_stats; its backward's entropy
+# gradient, ent_grad) and target_logits (teacher, teacher_kl: teacher logits as the target).
 EXTRA_VARIANTS = {
     "ce_fwd": (AT.Variant("fused_all_options", flags=dict(
-        WRITE_GRAD=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_ZLOSS=True, HAS_SOFTCAP=True)),),
+        WRITE_GRAD=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_ZLOSS=True, HAS_SOFTCAP=True)),
+        AT.Variant("token_stats", flags=dict(WRITE_TOKEN_STATS=True)),
+        AT.Variant("teacher", flags=dict(TEACHER=True)),
+        AT.Variant("teacher_kl", flags=dict(TEACHER=True, TEACHER_KL=True))),
     "ce_bwd": (AT.Variant("all_options", flags=dict(
-        HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True)),),
+        HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True)),
+        AT.Variant("ent_grad", flags=dict(HAS_ENT_GRAD=True)),
+        AT.Variant("teacher", flags=dict(TEACHER=True))),
     "lce_fwd": (AT.Variant("all_options", flags=dict(
         HAS_BIAS=True, HAS_SMOOTHING=True, HAS_CLASS_WEIGHT=True, HAS_SOFTCAP=True)),),
     "lce_bwd": (AT.Variant("all_options", flags=dict(
@@ -322,22 +326,21 @@ def main(argv=None):
 def summary(rows) -> str:
     """Per (kernel, variant, dtype, V): configs compiled, with problems, register range and
     the widest logits-sized load."""
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["kernel"], r["variant"], r["dtype"], r["vocab"]), []).append(r)
-    cells = [["kernel", "variant", "dtype", "V", "configs", "errors", "local", "smem", "regs",
-              "occupancy", "ld (bits x count), first config"]]
-    for (k, vt, dt, v), rs in groups.items():
-        ok = [r for r in rs if r["status"] == "ok"]
-        regs = [r["regs"] for r in ok]
-        occ = [r["occupancy"] for r in ok]
-        cells.append([k, vt, dt, str(v), str(len(rs)), str(len(rs) - len(ok)),
-                      str(sum("local" in r["problems"] for r in ok)),
-                      str(sum("smem" in r["problems"] for r in ok)),
-                      f"{min(regs)}-{max(regs)}" if regs else "-",
-                      f"{min(occ):.2f}-{max(occ):.2f}" if occ else "-",
-                      ok[0]["ld"] if ok else "-"])
-    return C.layout_table(cells, left=(0, 1, 2, 10))
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    df["ok"] = df["status"] == "ok"
+    out = []
+    for (k, vt, dt, v), g in df.groupby(["kernel", "variant", "dtype", "vocab"], sort=False):
+        ok = g[g["ok"]]
+        out.append(dict(kernel=k, variant=vt, dtype=dt, V=v, configs=len(g), errors=len(g) - len(ok),
+                        local=int(ok["problems"].str.contains("local").sum()),
+                        smem=int(ok["problems"].str.contains("smem").sum()),
+                        regs=f"{ok['regs'].min():.0f}-{ok['regs'].max():.0f}" if len(ok) else "-",
+                        occupancy=f"{ok['occupancy'].min():.2f}-{ok['occupancy'].max():.2f}"
+                        if len(ok) else "-",
+                        ld=ok["ld"].iloc[0] if len(ok) else "-"))
+    return C.table(out, [(c, "ld (bits x count), first config" if c == "ld" else c, None)
+                         for c in out[0]]) if out else "nothing compiled"
 
 
 if __name__ == "__main__":
