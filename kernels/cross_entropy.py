@@ -36,6 +36,15 @@ skipped) or 5b (any other grad_output: loss scaling, gradient accumulation), 2b 
 one-tile rows: recompute is the default because the usual step has a scaled grad_output.
 Probability targets add one read of the target per pass.
 
+The extended options (softmax_ce._extended): a temperature (z'' = softcap(z) / T, one
+multiply per element), the entropy and argmax of each row (WRITE_TOKEN_STATS: a second
+running sum, the tile's argmax; 4 + 8 bytes written per row) and the entropy's gradient
+in the backward (HAS_ENT_GRAD: 8 bytes read per row) move no byte per logit element.
+Teacher logits as the target (TEACHER) add one read of the teacher's row per pass (its
+dtype's size: b_t in the forward, b_t again in the backward, where the soft target
+exp(t / T - t_max - log t_d) is recomputed from 8 bytes per row the forward saved), as
+probability targets do, but never write the teacher's probabilities.
+
 Each kernel handles one row per program, walking it in tiles of BLOCK_V; row
 offsets are int64 because n_rows * V passes 2**31 at LLM scale.  A row is walked
 as a body that starts and ends on the 16-byte grid, in 16-byte vector accesses, and

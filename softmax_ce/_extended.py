@@ -243,19 +243,27 @@ def accuracy(argmax: Tensor, target2: Tensor, valid: Tensor) -> Tensor:
     return hit.sum().to(torch.float32) / valid.sum().to(torch.float32)
 
 
-def run(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        inplace_backward, grad_mode, return_lse, temperature, return_entropy, return_argmax,
-        return_accuracy, target_logits, kl):
-    """cross_entropy with any of temperature, the per-token statistics or teacher logits
-    (functional.cross_entropy has checked the common options)."""
+class Extension(NamedTuple):
+    """The extended options of one call, as the kernels and softmax_ce.distributed take them."""
+
+    inv_temp: float = 1.0
+    token_stats: bool = False   # entropy and argmax per row
+    teacher: bool = False       # target holds teacher logits
+    teacher_kl: bool = False
+    alpha_scale: float = 1.0    # T^2 with teacher logits
+
+
+def prepare(input, target, weight, label_smoothing, grad_mode, temperature, return_entropy,
+            return_argmax, return_accuracy, target_logits, kl) -> Extension:
+    """Check the extended options against the call (before anything runs) -> Extension."""
     temperature = check(temperature, target_logits, kl, grad_mode, R.fail)
-    logits2, target2, prob_target, batch_shape, n_classes = R.flatten(input, target)
-    R.check_prob_ignore(prob_target, ignore_index)
+    prob_target = isinstance(target, Tensor) and target.is_floating_point()
     if target_logits:
-        if not prob_target:
+        if not prob_target or target.shape != input.shape:
             R.fail(RuntimeError, f"target_logits=True takes the teacher's logits, a floating "
                                  f"tensor of the input's shape {tuple(input.shape)}, got "
-                                 f"{target.dtype} of shape {tuple(target.shape)}")
+                                 f"{getattr(target, 'dtype', type(target))} of shape "
+                                 f"{tuple(getattr(target, 'shape', ()))}")
         if weight is not None:
             R.fail(RuntimeError, "weight (class weights) is not supported with target_logits=True")
         if label_smoothing:
@@ -268,29 +276,20 @@ def run(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
     if return_accuracy and prob_target:
         R.fail(RuntimeError, "return_accuracy needs class-index targets (accuracy is "
                              "argmax == target)")
-    n_rows = logits2.shape[0]
-    row_dtype = _row_dtype(input)
-    weight32 = None
-    if weight is not None:
-        R.check_weight(weight, n_classes)
-        weight32 = weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
-    alpha, beta, zeta, nan_if_empty = R.row_coefficients(
-        target2, prob_target, weight32, n_rows, n_classes, ignore_index, reduction,
-        label_smoothing, z_loss, row_dtype)
-    if target_logits:
+    return Extension(
+        inv_temp=1.0 / temperature,
+        token_stats=bool(return_entropy or return_argmax or return_accuracy),
+        teacher=bool(target_logits), teacher_kl=bool(kl),
         # distillation's T^2 (Hinton et al. 2015): keeps the soft targets' gradient, which
         # scales as 1 / T^2, comparable across temperatures
-        alpha = alpha * (temperature * temperature)
-    kernel_weight = weight32 if (prob_target or beta is not None) else None
-    _, inplace = R.grad_plan(logits2, grad_mode, bool(inplace_backward))
-    token_stats = bool(return_entropy or return_argmax or return_accuracy)
-    loss_rows, lse, entropy, argmax, *_ = ExtendedCrossEntropyFunction.apply(
-        logits2, target2, kernel_weight, alpha, beta, zeta, prob_target,
-        float(softcap) if softcap is not None else None, 1.0 / temperature, token_stats,
-        bool(target_logits), bool(kl), inplace)
-    loss = R.reduce_rows(loss_rows, lse, reduction, nan_if_empty, batch_shape, input.dtype,
-                         False)
-    if not token_stats:
+        alpha_scale=temperature * temperature if target_logits else 1.0)
+
+
+def outputs(ext, loss, lse, entropy, argmax, target2, ignore_index, batch_shape, return_lse,
+            return_entropy, return_argmax, return_accuracy):
+    """The call's result: a bare loss (or (loss, lse)) without statistics, else a
+    CrossEntropyOutput."""
+    if not ext.token_stats:
         return (loss, lse.reshape(batch_shape)) if return_lse else loss
     acc = None
     if return_accuracy:
@@ -301,3 +300,31 @@ def run(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
         entropy.reshape(batch_shape) if return_entropy else None,
         argmax.reshape(batch_shape) if return_argmax else None,
         acc)
+
+
+def run(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+        inplace_backward, grad_mode, return_lse, ext, return_entropy, return_argmax,
+        return_accuracy):
+    """cross_entropy with the extended options `ext` (from `prepare`) on one device."""
+    logits2, target2, prob_target, batch_shape, n_classes = R.flatten(input, target)
+    R.check_prob_ignore(prob_target, ignore_index)
+    n_rows = logits2.shape[0]
+    row_dtype = _row_dtype(input)
+    weight32 = None
+    if weight is not None:
+        R.check_weight(weight, n_classes)
+        weight32 = weight.detach().to(device=input.device, dtype=row_dtype).contiguous()
+    alpha, beta, zeta, nan_if_empty = R.row_coefficients(
+        target2, prob_target, weight32, n_rows, n_classes, ignore_index, reduction,
+        label_smoothing, z_loss, row_dtype)
+    alpha = alpha * ext.alpha_scale if ext.alpha_scale != 1.0 else alpha
+    kernel_weight = weight32 if (prob_target or beta is not None) else None
+    _, inplace = R.grad_plan(logits2, grad_mode, bool(inplace_backward))
+    loss_rows, lse, entropy, argmax, *_ = ExtendedCrossEntropyFunction.apply(
+        logits2, target2, kernel_weight, alpha, beta, zeta, prob_target,
+        float(softcap) if softcap is not None else None, ext.inv_temp, ext.token_stats,
+        ext.teacher, ext.teacher_kl, inplace)
+    loss = R.reduce_rows(loss_rows, lse, reduction, nan_if_empty, batch_shape, input.dtype,
+                         False)
+    return outputs(ext, loss, lse, entropy, argmax, target2, ignore_index, batch_shape,
+                   return_lse, return_entropy, return_argmax, return_accuracy)

@@ -29,6 +29,15 @@ its slice of the gradient.  That of `linear_cross_entropy` all-reduces the fp32
 gradient of the replicated hidden states (N x D), as the column-parallel LM head it
 replaces would; nothing of size V ever crosses the wire.
 
+The extended options (softmax_ce._extended) add columns to the same all-gather: the
+slice's entropy, its argmax's raw value and global column (3 fp32 per token, for
+return_entropy/argmax/accuracy; columns stay exact below 2**24 classes), the teacher's
+slice max and log sum-exp (2 fp32 per token, for target_logits).  The global entropy is
+that of the mixture of the slices' softmaxes, H = sum_r pi_r (H_r + delta_r) with
+pi_r = exp(-delta_r); a teacher's soft target is y = pi_r^t y_r on slice r, so its
+cross-entropy is sum_r pi_r^t (term_r + delta_r) (minus delta_r^t for KL).  The
+backward still communicates nothing for cross_entropy.
+
 Slice offsets come from one all-gather of slice sizes the first time a group is seen,
 then from a cache.  The statistics all-gather carries one extra row in which every rank
 says whether the cached sizes still match its slice, so a changed partition is seen by
@@ -42,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _ops
+from . import _extended, _ops
 from ._autograd import linear_recompute_grads, recompute_grad
 from ._rows import check_target_range, coefficients, compose_rows, fail
 
@@ -190,10 +199,54 @@ def _empty_slice_stats(n_rows, dtype, device, need_smooth):
             torch.zeros_like(row_max) if need_smooth else None)
 
 
+def _mixture(log_d_r, m_r):
+    """Global (m, log d) of slices' (m_r, log d_r), and each slice's share of the mass,
+    pi_r = exp(lse_r - lse), and delta_r = lse - lse_r (0 for an empty slice)."""
+    empty = torch.isneginf(log_d_r)
+    m = torch.where(empty, float("-inf"), m_r).amax(dim=0)
+    m = torch.where(torch.isneginf(m), 0.0, m)
+    log_d = torch.logsumexp(log_d_r + (m_r - m[None]), dim=0)
+    delta = torch.where(empty, 0.0, (m[None] - m_r) + (log_d[None] - log_d_r))
+    pi = torch.where(empty, 0.0, torch.exp(-delta))
+    return m, log_d, pi, delta
+
+
+def _combine_extended(gathered, ext, cols):
+    """The extra columns of the extended options (softmax_ce._extended), combined:
+
+    entropy:  H = sum_r pi_r (H_r + delta_r)   (the mixture of the slices' softmaxes)
+    argmax:   the slice value torch.argmax picks (nan first, ties to the lowest rank, whose
+              columns come first), and its global column
+    teacher:  the teacher's global (max, log d) from its slices', and the target term
+              sum_r pi_r^t (term_r + delta_r [- delta_r^t for KL]), pi^t the teacher's
+              shares: y = pi_r^t y_r on slice r, and H(y) = sum_r pi_r^t (H_r^t + delta_r^t).
+    -> dict of global per-row tensors."""
+    out = {}
+    _, _, pi, delta = _mixture(gathered[..., _LOG_D], gathered[..., _ROW_MAX])
+    if ext.token_stats:
+        h_r = gathered[..., cols["entropy"]]
+        out["entropy"] = torch.where(pi > 0, pi * (h_r + delta), 0.0).sum(0)
+        pick = torch.argmax(gathered[..., cols["argmax_value"]], dim=0, keepdim=True)
+        out["argmax"] = gathered[..., cols["argmax_col"]].gather(0, pick)[0].round().long()
+    if ext.teacher:
+        t_m, t_ld, t_pi, t_delta = _mixture(gathered[..., cols["t_log_d"]],
+                                            gathered[..., cols["t_max"]])
+        term = gathered[..., _TARGET] + delta
+        if ext.teacher_kl:
+            term = term - t_delta
+        out["target_term"] = torch.where(t_pi > 0, t_pi * term, 0.0).sum(0)
+        out["teacher_rows"] = torch.stack([t_m, t_ld], dim=1)
+    return out
+
+
 def _global_coefficients(gathered, prob_target, target2, ignore_index, has_weight, n_global,
-                         reduction, label_smoothing, z_loss):
-    """-> per-row loss, m, log d, dlse, alpha, beta and the mean-of-nothing term, all global."""
+                         reduction, label_smoothing, z_loss, teacher_term=None, alpha_scale=1.0):
+    """-> per-row loss, m, log d, dlse, alpha, beta and the mean-of-nothing term, all global.
+    teacher_term: the combined target term of teacher logits (then sum y = 1); alpha_scale:
+    distillation's T^2."""
     m, log_d, target_term, smooth_term, s_wy, w_target, W = _combine(gathered, prob_target)
+    if teacher_term is not None:
+        target_term, s_wy = teacher_term, torch.ones_like(m)
     if prob_target:
         valid = rho = torch.ones_like(m)
     else:
@@ -201,6 +254,8 @@ def _global_coefficients(gathered, prob_target, target2, ignore_index, has_weigh
         rho = w_target * valid if has_weight else valid
     alpha, beta, zeta, nan_if_empty = coefficients(rho, valid, n_global, reduction,
                                                     label_smoothing, z_loss)
+    if alpha_scale != 1.0:
+        alpha = alpha * alpha_scale
     loss, dlse = compose_rows(m + log_d, target_term, smooth_term, alpha, beta,
                                              zeta, W, s_wy if prob_target else None)
     if nan_if_empty is None:
@@ -213,12 +268,13 @@ def _global_coefficients(gathered, prob_target, target2, ignore_index, has_weigh
 # ----------------------------------------------------------------------------
 
 class ShardedCrossEntropyFunction(torch.autograd.Function):
-    """(N, V_local) logits -> per-row loss (N,), global lse (N,) and the mean-of-nothing
-    term, equal on every rank."""
+    """(N, V_local) logits -> per-row loss (N,), global lse (N,), the mean-of-nothing term,
+    and with the extended options (`ext`, a softmax_ce._extended.Extension or None) the
+    global entropy (N,) and argmax (N,) (empty otherwise), equal on every rank."""
 
     @staticmethod
     def forward(ctx, logits, target2, weight, prob_target, softcap, ignore_index, reduction,
-                label_smoothing, z_loss, inplace, group, api):
+                label_smoothing, z_loss, inplace, group, api, ext=None):
         n_rows, n_local = logits.shape
         need_smooth = label_smoothing > 0
         row_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -226,6 +282,7 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_target_grad:
             ctx.target_grad_logits = logits.detach().clone()
         kept = {}
+        cols = {}
 
         def compute(offset, n_global):
             weight_local = _slice_weight(weight, offset, n_local, n_global, row_dtype,
@@ -235,39 +292,61 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
             else:
                 local_t, owned = _local_targets(target2, offset, n_local, ignore_index)
             kernel_weight = weight_local if (prob_target or need_smooth) else None
-            if n_local > 0:
+            extra = None
+            if n_local > 0 and ext is not None:
+                row_max_r, log_d_r, stats, h_r, am_r, t_rows = _extended.xfwd_stats(
+                    logits, local_t, kernel_weight, need_smooth, prob_target, softcap,
+                    ext.inv_temp, ext.token_stats, ext.teacher, ext.teacher_kl)
+                extra = (h_r, am_r, t_rows)
+            elif n_local > 0:
                 row_max_r, log_d_r, stats = _ops.fwd_stats(logits, local_t, kernel_weight, need_smooth,
                                                      prob_target, softcap)
             else:
                 stats = torch.zeros(n_rows, 3, dtype=row_dtype, device=logits.device)
                 row_max_r, log_d_r, _, _ = _empty_slice_stats(n_rows, row_dtype, logits.device, False)
             kept.update(local_t=local_t, weight_local=weight_local, kernel_weight=kernel_weight)
-            return _local_stats(row_max_r, log_d_r, stats[:, 0], stats[:, 1] if need_smooth else None,
-                                stats[:, 2] if prob_target else None, owned, weight_local,
-                                local_t, n_local)
+            local = _local_stats(row_max_r, log_d_r, stats[:, 0], stats[:, 1] if need_smooth else None,
+                                 stats[:, 2] if prob_target else None, owned, weight_local,
+                                 local_t, n_local)
+            if ext is None:
+                return local
+            return torch.cat([local, _extended_columns(ext, extra, logits, offset, row_max_r,
+                                                       cols)], dim=1)
 
         gathered, _, n_global = gather_statistics(group, n_local, logits.device, compute)
         if not prob_target:
             _check_targets(target2, ignore_index, n_global, api)
+        combined = _combine_extended(gathered, ext, cols) if ext is not None else {}
         loss, row_max, log_d, dlse, alpha, beta, nan_if_empty = _global_coefficients(
             gathered, prob_target, target2, ignore_index, weight is not None, n_global,
-            reduction, label_smoothing, z_loss)
-        ctx.prob_target, ctx.softcap, ctx.inplace = prob_target, softcap, inplace
+            reduction, label_smoothing, z_loss, combined.get("target_term"),
+            ext.alpha_scale if ext is not None else 1.0)
+        ctx.prob_target, ctx.softcap, ctx.inplace, ctx.ext = prob_target, softcap, inplace, ext
+        entropy = combined.get("entropy", row_max.new_empty(0))
+        argmax = combined.get("argmax", row_max.new_empty(0, dtype=torch.int64))
+        teacher_rows = combined.get("teacher_rows")
         ctx.save_for_backward(logits, kept["local_t"], kept["kernel_weight"], row_max, log_d, dlse,
-                              alpha, beta)
+                              alpha, beta, entropy, teacher_rows)
         ctx.weight_local = kept["weight_local"]
         lse = row_max + log_d
-        ctx.mark_non_differentiable(nan_if_empty)
-        return loss, lse, nan_if_empty
+        ctx.mark_non_differentiable(nan_if_empty, argmax)
+        return loss, lse, nan_if_empty, entropy, argmax
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse, grad_nan):
-        logits, local_t, weight, row_max, log_d, dlse, alpha, beta = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_lse, grad_nan, grad_entropy=None, grad_argmax=None):
+        (logits, local_t, weight, row_max, log_d, dlse, alpha, beta, entropy,
+         teacher_rows) = ctx.saved_tensors
         g = grad_loss.to(dlse.dtype)
         grad = grad_target = None
+        ext = ctx.ext
         if ctx.needs_input_grad[0]:
             if logits.shape[1] == 0:
                 grad = torch.zeros_like(logits)
+            elif ext is not None:
+                grad = _extended.recompute_grad(
+                    logits, local_t, weight, row_max, log_d, dlse, alpha, beta, grad_loss,
+                    grad_lse, grad_entropy if ext.token_stats else None, entropy,
+                    ctx.prob_target, ctx.softcap, ext.inv_temp, teacher_rows, ctx.inplace)
             else:
                 grad = recompute_grad(logits, local_t, weight, row_max, log_d, dlse, alpha, beta,
                                       grad_loss, grad_lse, ctx.prob_target, ctx.softcap,
@@ -280,18 +359,52 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
             grad_target = (g * alpha)[:, None] * ((row_max[:, None] - z) + log_d[:, None])
             if ctx.weight_local is not None:
                 grad_target = grad_target * ctx.weight_local
-        return (grad, grad_target) + (None,) * 10
+        return (grad, grad_target) + (None,) * 11
+
+
+def _extended_columns(ext, extra, logits, offset, row_max_r, cols, value=None):
+    """This slice's extra gathered columns (see _combine_extended); `cols` receives where
+    each sits in the gathered rows.  An empty slice (extra None) sends no mass: entropy 0,
+    argmax value -inf, teacher log d -inf.  value: the raw logit at the slice's argmax
+    when there are no logits to read it from (the linear loss)."""
+    like = row_max_r
+    n_rows = like.shape[0]
+    new = []
+    if ext.token_stats:
+        if extra is not None:
+            h_r, am_r, _ = extra
+            if value is None:
+                value = logits.gather(1, am_r[:, None])[:, 0]
+            value = value.to(like.dtype)
+            col = (am_r + offset).to(like.dtype)  # exact below 2**24 classes in fp32
+        else:
+            h_r = torch.zeros(n_rows, dtype=like.dtype, device=like.device)
+            value = torch.full_like(h_r, float("-inf"))
+            col = torch.full_like(h_r, float(offset))
+        new += [("entropy", h_r), ("argmax_value", value), ("argmax_col", col)]
+    if ext.teacher:
+        if extra is not None:
+            t_rows = extra[2]
+            new += [("t_max", t_rows[:, 0]), ("t_log_d", t_rows[:, 1])]
+        else:
+            zeros = torch.zeros(n_rows, dtype=like.dtype, device=like.device)
+            new += [("t_max", zeros), ("t_log_d", torch.full_like(zeros, float("-inf")))]
+    for i, (name, _) in enumerate(new):
+        cols[name] = N_STATS + i
+    return torch.stack([t.to(like.dtype) for _, t in new], dim=1)
 
 
 def sharded_cross_entropy(logits2, target2, weight, prob_target, softcap, ignore_index,
                           reduction, label_smoothing, z_loss, inplace, group,
-                          api="cross_entropy"):
-    """-> (loss_rows, lse, nan_if_empty); see `softmax_ce.cross_entropy(process_group=...)`.
+                          api="cross_entropy", ext=None):
+    """-> (loss_rows, lse, nan_if_empty, entropy, argmax); see
+    `softmax_ce.cross_entropy(process_group=...)`.
 
-    weight: the full (V,) class weights or this rank's slice, or None."""
+    weight: the full (V,) class weights or this rank's slice, or None; ext: the extended
+    options (softmax_ce._extended.Extension) or None."""
     return ShardedCrossEntropyFunction.apply(
         logits2, target2, weight, prob_target, softcap, ignore_index, reduction,
-        float(label_smoothing), float(z_loss), inplace, group, api)
+        float(label_smoothing), float(z_loss), inplace, group, api, ext)
 
 
 # ----------------------------------------------------------------------------
@@ -314,45 +427,65 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
         need_smooth = label_smoothing > 0
         row_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         chunk_rows = params.chunk_rows if params.impl == "chunked" else 0
+        ext = _extended.Extension(token_stats=True) if params.token_stats else None
         kept = {}
+        cols = {}
 
         def compute(offset, n_global):
             cw_local = _slice_weight(class_weight, offset, n_local, n_global, row_dtype,
                                      x.device, api, "weight")
             local_t, owned = _local_targets(target2, offset, n_local, ignore_index)
             cw = cw_local if need_smooth else None
+            extra = None
             if n_local > 0:
-                row_max_r, log_d_r, target_term, smooth_term = _ops.lce_stats(
+                row_max_r, log_d_r, target_term, smooth_term, h_r, am_r = _ops.lce_stats(
                     x, weight, bias, local_t, cw, need_smooth, params.softcap, chunk_rows,
-                    params.inv_temp, False)[:4]
+                    params.inv_temp, params.token_stats)
                 smooth_term = smooth_term if need_smooth else None
+                extra = (h_r, am_r, None)
             else:
                 row_max_r, log_d_r, target_term, smooth_term = _empty_slice_stats(
                     x.shape[0], row_dtype, x.device, need_smooth)
             kept.update(local_t=local_t, cw=cw, has_weight=cw_local is not None)
-            return _local_stats(row_max_r, log_d_r, target_term, smooth_term, None, owned,
-                                cw_local, local_t, n_local)
+            local = _local_stats(row_max_r, log_d_r, target_term, smooth_term, None, owned,
+                                 cw_local, local_t, n_local)
+            if ext is None:
+                return local
+            # the argmax's value: the slice's logit there, recomputed for those N rows only
+            logit_at = None
+            if extra is not None:
+                w_rows = weight[am_r]
+                logit_at = (x.to(row_dtype) * w_rows.to(row_dtype)).sum(-1)
+                if bias is not None:
+                    logit_at = logit_at + bias[am_r].to(row_dtype)
+            return torch.cat([local, _extended_columns(ext, extra, None, offset, row_max_r, cols,
+                                                       value=logit_at)], dim=1)
 
         gathered, _, n_global = gather_statistics(group, n_local, x.device, compute)
         _check_targets(target2, ignore_index, n_global, api)
+        combined = _combine_extended(gathered, ext, cols) if ext is not None else {}
         loss, row_max, log_d, dlse, alpha, beta, nan_if_empty = _global_coefficients(
             gathered, False, target2, ignore_index, kept["has_weight"], n_global,
             reduction, label_smoothing, z_loss)
         ctx.params, ctx.group = params, group
+        entropy = combined.get("entropy", row_max.new_empty(0))
+        argmax = combined.get("argmax", row_max.new_empty(0, dtype=torch.int64))
         ctx.save_for_backward(x, weight, bias, kept["local_t"], kept["cw"], row_max, log_d, dlse,
-                              alpha, beta)
-        ctx.mark_non_differentiable(nan_if_empty)
-        return loss, row_max + log_d, nan_if_empty
+                              alpha, beta, entropy)
+        ctx.mark_non_differentiable(nan_if_empty, argmax)
+        return loss, row_max + log_d, nan_if_empty, entropy, argmax
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse, grad_nan):
-        x, weight, bias, local_t, cw, row_max, log_d, dlse, alpha, beta = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_lse, grad_nan, grad_entropy=None, grad_argmax=None):
+        x, weight, bias, local_t, cw, row_max, log_d, dlse, alpha, beta, entropy = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
+        if not ctx.params.token_stats:
+            grad_entropy = None
         if weight.shape[0] > 0:
             dx, dw, db = linear_recompute_grads(ctx.params, x, weight, bias, local_t, cw, row_max,
                                                 log_d, dlse, alpha, beta, grad_loss, grad_lse,
-                                                need_dx, need_dw, need_db)
+                                                need_dx, need_dw, need_db, grad_entropy, entropy)
         else:
             dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
             dw = torch.zeros(weight.shape, dtype=dlse.dtype, device=x.device)

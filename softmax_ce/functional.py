@@ -79,8 +79,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         stored, and the loss is scaled by ``temperature**2`` (knowledge distillation).
         kl=True gives KL(teacher || student) instead of the cross-entropy (they differ by
         the teacher's entropy, which has no gradient).  The teacher receives no gradient.
-    These options run the recompute strategy (grad_mode="fused" is refused) and no
-    process_group yet; double backward and torch.func are not supported with them.
+    These options run the recompute strategy (grad_mode="fused" is refused), also with
+    process_group (the teacher's logits sharded like the student's); double backward and
+    torch.func are not supported with them.
 
     Float64 inputs go through a PyTorch path that computes in float64 (for gradcheck);
     everything else accumulates in fp32 and returns the input's dtype, as torch does.
@@ -89,18 +90,19 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         reduction = _reduction.legacy_get_string(size_average, reduce)
     R.check_options(reduction, label_smoothing, z_loss, softcap, grad_mode)
     input, target, process_group = _unwrap_dtensor(input, target, process_group)
-    if _extended.wanted(temperature, return_entropy, return_argmax, return_accuracy,
-                        target_logits, kl):
-        if process_group is not None:
-            R.fail(NotImplementedError, "temperature, return_entropy/argmax/accuracy and "
-                                        "target_logits are not available with process_group yet")
-        return _extended.run(input, target, weight, ignore_index, reduction, label_smoothing,
-                             z_loss, softcap, inplace_backward, grad_mode, return_lse,
-                             temperature, return_entropy, return_argmax, return_accuracy,
-                             target_logits, kl)
+    stats = (return_entropy, return_argmax, return_accuracy)
+    ext = None
+    if _extended.wanted(temperature, *stats, target_logits, kl):
+        ext = _extended.prepare(input, target, weight, label_smoothing, grad_mode, temperature,
+                                *stats, target_logits, kl)
+        if process_group is None:
+            return _extended.run(input, target, weight, ignore_index, reduction,
+                                 label_smoothing, z_loss, softcap, inplace_backward, grad_mode,
+                                 return_lse, ext, *stats)
     if process_group is not None:
         return _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                        softcap, inplace_backward, grad_mode, return_lse, process_group)
+                        softcap, inplace_backward, grad_mode, return_lse, process_group, ext,
+                        stats)
     logits2, target2, prob_target, batch_shape, n_classes = R.flatten(input, target)
     R.check_prob_ignore(prob_target, ignore_index)
     n_rows = logits2.shape[0]
@@ -198,7 +200,7 @@ def _unwrap_dtensor(input, target, process_group):
 
 
 def _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             inplace_backward, grad_mode, return_lse, group):
+             inplace_backward, grad_mode, return_lse, group, ext=None, stats=(False,) * 3):
     if grad_mode != "recompute":
         R.fail(ValueError, f"grad_mode={grad_mode!r} is not available with process_group: the "
                           f"gradient needs the global lse, known only after the forward")
@@ -207,12 +209,18 @@ def _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_
     _, inplace_backward = R.grad_plan(logits2, grad_mode, bool(inplace_backward))
     if weight is not None:
         R.check_weight(weight)  # the full (V,) vector or this rank's slice
-    loss_rows, lse, nan_if_empty = distributed.sharded_cross_entropy(
+    loss_rows, lse, nan_if_empty, entropy, argmax = distributed.sharded_cross_entropy(
         logits2, target2, weight, prob_target,
         float(softcap) if softcap is not None else None, ignore_index, reduction,
-        label_smoothing, z_loss, bool(inplace_backward), group)
-    return R.reduce_rows(loss_rows, lse, reduction, nan_if_empty if reduction == "mean" else None,
-                   batch_shape, input.dtype, return_lse)
+        label_smoothing, z_loss, bool(inplace_backward), group, ext=ext)
+    if ext is None:
+        return R.reduce_rows(loss_rows, lse, reduction,
+                             nan_if_empty if reduction == "mean" else None,
+                             batch_shape, input.dtype, return_lse)
+    loss = R.reduce_rows(loss_rows, lse, reduction, nan_if_empty if reduction == "mean" else None,
+                         batch_shape, input.dtype, False)
+    return _extended.outputs(ext, loss, lse, entropy, argmax, target2, ignore_index, batch_shape,
+                             return_lse, *stats)
 
 
 __all__ = ["cross_entropy", "CrossEntropyFunction", "GRAD_MODES"]

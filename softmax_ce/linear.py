@@ -100,9 +100,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if token_stats and impl != "chunked":
         R.fail(NotImplementedError, "return_entropy/argmax/accuracy need impl=\"chunked\" (the "
                                     "fused kernel keeps no per-token statistics)", _API)
-    if token_stats and process_group is not None:
-        R.fail(NotImplementedError, "return_entropy/argmax/accuracy are not available with "
-                                    "process_group yet", _API)
+
     if impl not in IMPLS:
         R.fail(ValueError, f"impl={impl!r} is not one of {IMPLS}", _API)
     input_w, bias, process_group = _unwrap_dtensor_head(linear_weight, linear_bias, process_group)
@@ -138,9 +136,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     row_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     if process_group is not None:
-        loss_rows, lse, nan_if_empty = _sharded(x2, input_w, bias, target2, weight, ignore_index,
-                                                reduction, label_smoothing, z_loss, process_group,
-                                                params)
+        loss_rows, lse, nan_if_empty, entropy, argmax = _sharded(
+            x2, input_w, bias, target2, weight, ignore_index, reduction, label_smoothing, z_loss,
+            process_group, params)
     else:
         cw = None
         if weight is not None:
@@ -231,10 +229,11 @@ def _sharded(x2, weight, bias, target2, class_weight, ignore_index, reduction, l
     if class_weight is not None:
         R.check_weight(class_weight, None, _API)  # the full (V,) vector or this rank's slice
     with torch.autocast(x2.device.type, enabled=False):
-        loss_rows, lse, nan_if_empty = distributed.ShardedLinearCrossEntropyFunction.apply(
-            x2, weight, bias, target2, class_weight, ignore_index, reduction,
-            float(label_smoothing), float(z_loss), group, _API, params)
-    return loss_rows, lse, nan_if_empty if reduction == "mean" else None
+        loss_rows, lse, nan_if_empty, entropy, argmax = (
+            distributed.ShardedLinearCrossEntropyFunction.apply(
+                x2, weight, bias, target2, class_weight, ignore_index, reduction,
+                float(label_smoothing), float(z_loss), group, _API, params))
+    return loss_rows, lse, nan_if_empty if reduction == "mean" else None, entropy, argmax
 
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction"]

@@ -337,6 +337,131 @@ def check_ce_slice_cache_two_vocabularies(C):
 
 
 @check
+def check_ce_extended_options(C):
+    """temperature, entropy, argmax (ties across ranks go to the lower rank, as to the lower
+    column), accuracy and teacher logits (CE and KL, the teacher sharded like the student,
+    one slice of it -inf), against the unsharded fp64 definitions; the gradient of
+    loss + entropy is this rank's slice of the unsharded one."""
+    import torch
+    import torch.nn.functional as F
+
+    import softmax_ce
+    sizes = C.split
+    V, N, T = sum(sizes), 6, 1.7
+    off, n = sum(sizes[:C.rank]), sizes[C.rank]
+    for case in ("stats", "teacher-ce", "teacher-kl"):
+        g = _gen("ext", case)
+        full = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+        full[0, 0] = full[0, sizes[0]] = 40.0    # a tie between rank 0's and rank 1's slices
+        full[1, V - 1] = 41.0                    # the argmax on the last rank
+        full = full.float()
+        t = C.targets(g, V, sizes, (N,), -100)
+        t[2] = full[2].argmax()
+        teacher = (torch.randn(N, V, generator=g) * 2).float()
+        teacher[:, V - sizes[-1]:] = float("-inf")  # the teacher rules the last slice out
+        x = full[:, off:off + n].clone().requires_grad_()
+        xr = full.double().requires_grad_()
+        z = xr / T
+        uh = torch.randn(N, generator=g, dtype=torch.float64)
+        if case == "stats":
+            out = softmax_ce.cross_entropy(x, t, temperature=T, return_entropy=True,
+                                           return_argmax=True, return_accuracy=True,
+                                           process_group=C.group)
+            ref = F.cross_entropy(z, t)
+            ref_h = torch.special.entr(torch.softmax(z, -1)).sum(-1)
+            assert torch.equal(out.argmax, full.argmax(-1)), (out.argmax, full.argmax(-1))
+            valid = t != -100
+            acc = ((full.argmax(-1) == t) & valid).sum().double() / valid.sum()
+            assert abs(out.accuracy.item() - acc.item()) < 1e-7
+            _close(out.entropy, ref_h, f"{case}: entropy", torch.float32)
+            (out.loss.double() + (out.entropy.double() * uh).sum()).backward()
+            (ref + (ref_h * uh).sum()).backward()
+        else:
+            kl = case == "teacher-kl"
+            out = softmax_ce.cross_entropy(x, teacher[:, off:off + n].clone(), temperature=T,
+                                           target_logits=True, kl=kl, return_entropy=True,
+                                           process_group=C.group)
+            logy = torch.log_softmax(teacher.double() / T, -1)
+            y = logy.exp()
+            rows = -(y * torch.log_softmax(z, -1)).sum(-1)
+            if kl:
+                rows = rows + torch.where(y > 0, y * logy, 0.0).sum(-1)
+            ref = (rows * T * T).mean()
+            out.loss.double().backward()
+            ref.backward()
+        _close(out.loss, ref, f"{case}: loss", torch.float32)
+        _close(x.grad, xr.grad[:, off:off + n], f"{case}: grad of this rank's slice",
+               torch.float32)
+
+
+@check
+def check_lce_temperature(C):
+    """linear_cross_entropy(process_group=...) with a temperature, both impls."""
+    import torch
+    import torch.nn.functional as F
+
+    import softmax_ce
+    sizes = C.split
+    V, N, D = sum(sizes), 5, 8
+    off, n = sum(sizes[:C.rank]), sizes[C.rank]
+    for impl in ("chunked", "fused"):
+        g = _gen("lce-temp", impl)
+        x0 = torch.randn(N, D, generator=g)
+        w0 = torch.randn(V, D, generator=g)
+        t = C.targets(g, V, sizes, (N,), -100)
+        x = x0.clone().requires_grad_()
+        w = w0[off:off + n].clone().requires_grad_()
+        loss = softmax_ce.linear_cross_entropy(x, w, t, temperature=0.6, impl=impl,
+                                               process_group=C.group)
+        xr, wr = x0.double().requires_grad_(), w0.double().requires_grad_()
+        ref = F.cross_entropy(F.linear(xr, wr) / 0.6, t)
+        loss.backward()
+        ref.backward()
+        _close(loss, ref, f"{impl}: loss", torch.float32)
+        _close(x.grad, xr.grad, f"{impl}: dx", torch.float32)
+        _close(w.grad, wr.grad[off:off + n], f"{impl}: dw slice", torch.float32)
+
+
+@check
+def check_lce_statistics(C):
+    """linear_cross_entropy(process_group=...) with entropy, argmax and accuracy: the global
+    ones on every rank, and the gradients of loss + entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    import softmax_ce
+    sizes = C.split
+    V, N, D = sum(sizes), 6, 8
+    off, n = sum(sizes[:C.rank]), sizes[C.rank]
+    g = _gen("lce-stats")
+    x0 = torch.randn(N, D, generator=g)
+    w0 = torch.randn(V, D, generator=g)
+    w0[V - 1] = x0[1] * 3.0  # row 1's argmax on the last rank
+    t = C.targets(g, V, sizes, (N,), -100)
+    x = x0.clone().requires_grad_()
+    w = w0[off:off + n].clone().requires_grad_()
+    out = softmax_ce.linear_cross_entropy(x, w, t, temperature=1.3, return_entropy=True,
+                                          return_argmax=True, return_accuracy=True,
+                                          process_group=C.group)
+    xr, wr = x0.double().requires_grad_(), w0.double().requires_grad_()
+    raw = F.linear(xr, wr)
+    z = raw / 1.3
+    ref = F.cross_entropy(z, t)
+    ref_h = torch.special.entr(torch.softmax(z, -1)).sum(-1)
+    assert torch.equal(out.argmax, raw.argmax(-1)), (out.argmax, raw.argmax(-1))
+    valid = t != -100
+    acc = ((raw.argmax(-1) == t) & valid).sum().double() / valid.sum()
+    assert abs(out.accuracy.item() - acc.item()) < 1e-7
+    _close(out.entropy, ref_h, "entropy", torch.float32)
+    uh = torch.randn(N, generator=g, dtype=torch.float64)
+    (out.loss.double() + (out.entropy.double() * uh).sum()).backward()
+    (ref + (ref_h * uh).sum()).backward()
+    _close(out.loss, ref, "loss", torch.float32)
+    _close(x.grad, xr.grad, "dx", torch.float32)
+    _close(w.grad, wr.grad[off:off + n], "dw slice", torch.float32)
+
+
+@check
 def check_lce_comm_pattern(C):
     C.reset_slice_cache()
     for call in range(2):

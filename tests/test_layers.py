@@ -38,7 +38,7 @@ ALLOWED = {
     "_ops": {"_launch"},
     "_autograd": {"_ops"},
     "_extended": {"_launch", "_rows"},  # temperature, token statistics, teacher logits
-    "distributed": {"_ops", "_autograd", "_rows"},
+    "distributed": {"_ops", "_autograd", "_extended", "_rows"},
     "functional": {"_rows", "_autograd", "_extended", "distributed"},
     "linear": {"_rows", "_autograd", "_extended", "distributed"},
     "modules": {"functional", "linear"},
