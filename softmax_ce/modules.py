@@ -16,12 +16,12 @@ from .linear import linear_cross_entropy
 
 
 class _LossOptions(nn.Module):
-    """ignore_index, reduction, label_smoothing, z_loss, softcap, and the class weights
-    under `weight_name` (torch's `weight` for CrossEntropyLoss)."""
+    """ignore_index, reduction, label_smoothing, z_loss, softcap, temperature, and the
+    class weights under `weight_name` (torch's `weight` for CrossEntropyLoss)."""
 
     def __init__(self, weight_name: str, weight: Optional[Tensor], ignore_index: int,
                  reduction: str, label_smoothing: float, z_loss: float,
-                 softcap: Optional[float]):
+                 softcap: Optional[float], temperature: float = 1.0):
         super().__init__()
         self.register_buffer(weight_name, weight)
         self.ignore_index = ignore_index
@@ -29,11 +29,12 @@ class _LossOptions(nn.Module):
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
+        self.temperature = temperature
 
     def _options(self) -> dict:
         return dict(ignore_index=self.ignore_index, reduction=self.reduction,
                     label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                    softcap=self.softcap)
+                    softcap=self.softcap, temperature=self.temperature)
 
     def extra_repr(self) -> str:
         parts = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
@@ -43,6 +44,8 @@ class _LossOptions(nn.Module):
             parts.append(f"z_loss={self.z_loss}")
         if self.softcap is not None:
             parts.append(f"softcap={self.softcap}")
+        if self.temperature != 1.0:
+            parts.append(f"temperature={self.temperature}")
         return ", ".join(parts + self._extra_parts())
 
     def _extra_parts(self) -> list:
@@ -62,19 +65,27 @@ class CrossEntropyLoss(_LossOptions):
                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
                  label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                  softcap: Optional[float] = None, inplace_backward: bool = False,
-                 grad_mode: str = "recompute"):
+                 grad_mode: str = "recompute", temperature: float = 1.0,
+                 target_logits: bool = False, kl: bool = False):
         if size_average is not None or reduce is not None:
             # torch's deprecated arguments: mapped, with torch's own warning
             reduction = _reduction.legacy_get_string(size_average, reduce)
         super().__init__("weight", weight, ignore_index, reduction, label_smoothing, z_loss,
-                         softcap)
+                         softcap, temperature)
         self.inplace_backward = inplace_backward
         self.grad_mode = grad_mode
+        self.target_logits = target_logits
+        self.kl = kl
 
-    def forward(self, input: Tensor, target: Tensor, return_lse: bool = False):
+    def forward(self, input: Tensor, target: Tensor, return_lse: bool = False,
+                return_entropy: bool = False, return_argmax: bool = False,
+                return_accuracy: bool = False):
+        """target: class indices, probabilities, or (target_logits=True) a teacher's logits."""
         return cross_entropy(input, target, self.weight, **self._options(),
                              inplace_backward=self.inplace_backward, grad_mode=self.grad_mode,
-                             return_lse=return_lse)
+                             return_lse=return_lse, return_entropy=return_entropy,
+                             return_argmax=return_argmax, return_accuracy=return_accuracy,
+                             target_logits=self.target_logits, kl=self.kl)
 
     def _extra_parts(self) -> list:
         parts = []
@@ -82,6 +93,8 @@ class CrossEntropyLoss(_LossOptions):
             parts.append("inplace_backward=True")
         if self.grad_mode != "recompute":
             parts.append(f"grad_mode={self.grad_mode!r}")
+        if self.target_logits:
+            parts.append(f"target_logits=True, kl={self.kl}")
         return parts
 
 
@@ -99,12 +112,13 @@ class LinearCrossEntropyLoss(_LossOptions):
                  label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
                  softcap: Optional[float] = None, shift: bool = False,
                  accum_dtype=torch.float32, impl: str = "chunked",
-                 chunk_bytes: Optional[int] = None, filter_eps: float = 0.0):
+                 chunk_bytes: Optional[int] = None, filter_eps: float = 0.0,
+                 temperature: float = 1.0):
         if tuple(out_features) != ():
             raise ValueError("softmax_ce.LinearCrossEntropyLoss: out_features must be () (a "
                              f"K-dimensional head is not supported), got {out_features}")
         super().__init__("weight", weight, -100 if ignore_index is None else ignore_index,
-                         reduction, label_smoothing, z_loss, softcap)
+                         reduction, label_smoothing, z_loss, softcap, temperature)
         self.num_classes = num_classes
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.options = options
@@ -114,12 +128,15 @@ class LinearCrossEntropyLoss(_LossOptions):
         self.chunk_bytes = chunk_bytes
         self.filter_eps = filter_eps
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, return_entropy: bool = False,
+                return_argmax: bool = False, return_accuracy: bool = False):
         return linear_cross_entropy(input, self.linear.weight, target,
                                     linear_bias=self.linear.bias, weight=self.weight,
                                     **self._options(), options=self.options, shift=self.shift,
                                     accum_dtype=self.accum_dtype, impl=self.impl,
-                                    chunk_bytes=self.chunk_bytes, filter_eps=self.filter_eps)
+                                    chunk_bytes=self.chunk_bytes, filter_eps=self.filter_eps,
+                                    return_entropy=return_entropy, return_argmax=return_argmax,
+                                    return_accuracy=return_accuracy)
 
     def _extra_parts(self) -> list:
         parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",

@@ -391,3 +391,23 @@ def test_linear_statistics_need_the_chunked_impl():
         softmax_ce.linear_cross_entropy(x, w, t, impl="fused", return_entropy=True)
     with pytest.raises(ValueError, match="temperature"):
         softmax_ce.linear_cross_entropy(x, w, t, temperature=-2.0)
+
+
+def test_modules_take_the_options():
+    """CrossEntropyLoss as a distillation loss and with statistics; LinearCrossEntropyLoss
+    with a temperature and statistics; both match the functions."""
+    g = gen("modules")
+    x = torch.randn(6, 20, generator=g)
+    teacher = torch.randn(6, 20, generator=g)
+    kd = softmax_ce.CrossEntropyLoss(temperature=2.0, target_logits=True, kl=True)
+    assert "temperature=2.0" in repr(kd) and "kl=True" in repr(kd)
+    assert torch.equal(kd(x, teacher), ce(x, teacher, temperature=2.0, target_logits=True, kl=True))
+    t = torch.randint(0, 20, (6,), generator=g)
+    out = softmax_ce.CrossEntropyLoss(temperature=0.5)(x, t, return_entropy=True)
+    assert torch.equal(out.entropy, ce(x, t, temperature=0.5, return_entropy=True).entropy)
+    head = softmax_ce.LinearCrossEntropyLoss(8, 20, temperature=1.5)
+    h = torch.randn(6, 8, generator=g)
+    got = head(h, t, return_argmax=True)
+    want = softmax_ce.linear_cross_entropy(h, head.linear.weight, t, temperature=1.5,
+                                           return_argmax=True)
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.argmax, want.argmax)
