@@ -1,6 +1,6 @@
 """What the perf/ scripts share: provenance, timers, the copy ceiling, the one child-process
-memory harness, CSV/table/number formatting.  Not a script: each script loads this file by
-its path (perf/ is not a package).  Nothing here imports triton or softmax_ce at module level
+memory harness, CSV and table formatting.  Not a script: each script loads this file by its
+path (perf/ is not a package).  Nothing here imports triton or softmax_ce at module level
 (autotune.py sets TRITON_INTERPRET before Triton is first imported)."""
 
 import datetime
@@ -9,11 +9,13 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 PERF_DIR = Path(__file__).resolve().parent
@@ -45,20 +47,15 @@ def torch_dtype(short):
 
 
 def package_version(name):
-    from importlib import metadata
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
 
 
-def triton_version():
-    return package_version("triton")
-
-
 def versions():
     import torch
-    return {"torch": torch.__version__, "triton": triton_version()}
+    return {"torch": torch.__version__, "triton": package_version("triton")}
 
 
 def git_sha():
@@ -77,19 +74,15 @@ def git_sha():
 
 def cpu_model():
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def cpu_description(cores=None, load_label=None):
     """'<model>, <cores> cores[, <load_label> 1.23]'."""
-    load = (f", {load_label} {os.getloadavg()[0]:.2f}"
-            if load_label and hasattr(os, "getloadavg") else "")
+    load = f", {load_label} {os.getloadavg()[0]:.2f}" if load_label and hasattr(os, "getloadavg") else ""
     return f"{cpu_model()}, {cores or os.cpu_count()} cores{load}"
 
 
@@ -112,15 +105,13 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()})"
 
 
-def name_key(name):
-    """File-name key of a device name (softmax_ce.kernels.tuning.device_key's rule)."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def device_key(device):
+    """File-name key of a device (softmax_ce.kernels.tuning.device_key's rule; 'cpu')."""
     import torch
     device = torch.device(device)
-    return name_key(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 def out_dir(key):
@@ -174,6 +165,20 @@ def cpu_median_ms(fn, setup=None, warmup=1, reps=5):
     return statistics.median(times)
 
 
+def interleaved_medians(steps, runs):
+    """{name: step()} -> ({name: median seconds}, {name: [seconds per run]}), after one
+    warm-up call each, the steps taken in turn in every run so a change of load hits all."""
+    for fn in steps.values():
+        fn()
+    times = {name: [] for name in steps}
+    for _ in range(runs):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}, times
+
+
 def copy_gbps(device, nbytes, cpu_reps=5):
     """Device-to-device copy bandwidth (bytes read + written, 1e9 B/s, median): the ceiling a
     streaming kernel can reach on this device."""
@@ -208,13 +213,11 @@ def _peak_kib():
     """VmHWM (the address space's own high-water mark; ru_maxrss only as the fallback:
     it folds in the parent's peak at exec)."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return next(int(line.split()[1]) for line in open("/proc/self/status")
+                    if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def measure_peak(step, warmup=None):
@@ -289,15 +292,6 @@ def table(rows, columns, na="n/a"):
     return df.to_string(index=False)
 
 
-def layout_table(cells, left=(0,)):
-    """cells: the title row, then one list of strings per row; columns in `left` are
-    left-aligned, the others right-aligned; dashes under the titles."""
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
-    out = ["  ".join(s.ljust(w) if i in left else s.rjust(w)
-                     for i, (s, w) in enumerate(zip(c, widths))) for c in cells]
-    return "\n".join(out[:1] + ["  ".join("-" * w for w in widths)] + out[1:])
-
-
 def append_rows(path, columns, rows):
     """Append rows to a CSV (header when new); a file with other columns is moved aside."""
     import pandas as pd
@@ -312,12 +306,6 @@ def append_rows(path, columns, rows):
     pd.DataFrame(list(rows), columns=list(columns)).to_csv(path, mode="a", header=new,
                                                           index=False)
     return path
-
-
-def read_rows(path):
-    """A CSV as a list of dicts of strings ('' for empty cells)."""
-    import pandas as pd
-    return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
 
 
 def int_list(s):

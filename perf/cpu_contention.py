@@ -17,10 +17,13 @@ Exits non-zero when ours is slower than torch in any cell.
 """
 
 import argparse
-import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+sys.path.pop(0)
 
 SHAPES = ("4096x32000", "2048x131072", "256x32000")
 LINEAR_SHAPE = (4096, 256, 32000)  # N, D, V of the linear cross-entropy rows
@@ -69,19 +72,6 @@ def _linear_steps(n, d, v):
             "torch": step(lambda x, w, t: F.cross_entropy(F.linear(x, w), t))}
 
 
-def measure(steps, runs):
-    """Interleaved medians, seconds: {name: median}."""
-    for fn in steps.values():
-        fn()  # warm-up
-    times = {name: [] for name in steps}
-    for _ in range(runs):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of NxV (cross_entropy)")
@@ -111,7 +101,7 @@ def main(argv=None):
             try:
                 for op, shape in cells:
                     steps = _ce_steps(*shape) if op == "cross_entropy" else _linear_steps(*shape)
-                    med = measure(steps, args.runs)
+                    med = C.interleaved_medians(steps, args.runs)[0]
                     ratio = med["torch"] / med["softmax_ce"]
                     worst = min(worst, ratio)
                     label = "x".join(map(str, shape))

@@ -24,7 +24,6 @@ Exits non-zero when a goal is missed.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,11 +48,6 @@ def parse_args(argv):
 
 
 def _steps(args):
-    import torch.nn.functional as F
-
-    import softmax_ce
-    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
-
     x, w, t = LM.make_inputs(args.rows, args.vocab, args.hidden)
 
     def run(fn):
@@ -62,12 +56,8 @@ def _steps(args):
             fn(xs, ws, t).backward()
             return ws.grad
         return step
-
-    return {
-        "softmax_ce": run(softmax_ce.linear_cross_entropy),
-        "torch chunked": run(lambda a, b, c: F.linear_cross_entropy(
-            a, b, c, options=LinearCrossEntropyOptions())),
-    }
+    return {"softmax_ce": run(LM.loss_fn("softmax_ce cpu")),
+            "torch chunked": run(LM.loss_fn("torch chunked"))}
 
 
 def main(argv=None):
@@ -81,19 +71,14 @@ def main(argv=None):
           f"N={n} D={d} V={v} fp32 | 6NVD = {6 * n * v * d / 1e9:.0f} GFLOP per step",
           flush=True)
     steps = _steps(args)
-    grads = {name: fn() for name, fn in steps.items()}  # warm-up, and the same answer
+    grads = {name: fn() for name, fn in steps.items()}  # the same answer (warms up too)
     diff = (grads["softmax_ce"] - grads["torch chunked"]).abs().max().item()
     scale = grads["torch chunked"].abs().max().item()
     print(f"dW agreement: max |ours - torch| = {diff:.2e} (max |dW| {scale:.2e})", flush=True)
-    times = {name: [] for name in steps}
-    for i in range(args.runs):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        r = times["torch chunked"][-1] / times["softmax_ce"][-1]
-        print(f"run {i + 1}: ours {times['softmax_ce'][-1] * 1e3:.0f} ms, torch "
-              f"{times['torch chunked'][-1] * 1e3:.0f} ms, torch/ours {r:.2f}", flush=True)
+    _, times = C.interleaved_medians(steps, args.runs)
+    for i, (ours, theirs) in enumerate(zip(times["softmax_ce"], times["torch chunked"])):
+        print(f"run {i + 1}: ours {ours * 1e3:.0f} ms, torch {theirs * 1e3:.0f} ms, torch/ours "
+              f"{theirs / ours:.2f}", flush=True)
     ratios = [a / b for a, b in zip(times["torch chunked"], times["softmax_ce"])]
     ok_time = min(ratios) >= args.goal
     print(f"median ours {statistics.median(times['softmax_ce']) * 1e3:.0f} ms, torch "

@@ -132,7 +132,7 @@ def main(argv=None):
     mib = lambda k: k * 4 / 2**20  # noqa: E731  fp32
     print("softmax_ce linear_cross_entropy: peak CPU memory of forward + backward, reduction=mean\n"
           f"device: cpu ({C.cpu_description()}) | torch {C.package_version('torch')} | triton "
-          f"{C.triton_version()}\nshape: N={n} D={d} V={v} fp32 | x {mib(n * d):.2f} MiB, W "
+          f"{C.package_version('triton')}\nshape: N={n} D={d} V={v} fp32 | x {mib(n * d):.2f} MiB, W "
           f"{mib(v * d):.1f} MiB (each again for its gradient) | fp32 N x V logits would be "
           f"{mib(n * v) / 1024:.3f} GiB\nmemory: peak RSS (VmHWM after clear_refs) minus RSS after "
           "the inputs, zeroed gradients and a tiny warm-up step; fresh subprocess per provider, "

@@ -51,15 +51,14 @@ DEFAULTS = {  # CPU: seconds on 2 cores; the interpreter runs every op through N
     "cpu": dict(rows=256, vocab=32000, dtype="fp32", repeats=10, warmup=2),
     "cpu-interpreter": dict(rows=32, vocab=4096, dtype="fp32", repeats=3, warmup=1),
 }
-# name -> (kind, softmax_ce options, overwrites its logits, runs on CPU unasked)
+# name -> (softmax_ce options, None for torch eager and "compile" for torch.compile)
 PROVIDERS = {
-    "torch": ("torch", {}, False, True),
-    "torch.compile": ("compile", {}, False, False),  # inductor compiles for minutes on CPU
-    "softmax_ce": ("softmax_ce", {}, False, True),
-    "softmax_ce fused": ("softmax_ce", {"grad_mode": "fused"}, False, True),
-    "softmax_ce inplace": ("softmax_ce", {"inplace_backward": True}, True, True),
-    "softmax_ce fused inplace": ("softmax_ce", {"grad_mode": "fused", "inplace_backward": True},
-                                 True, True),
+    "torch": None,
+    "torch.compile": "compile",  # inductor compiles for minutes on CPU: CUDA or --compile only
+    "softmax_ce": {},
+    "softmax_ce fused": {"grad_mode": "fused"},
+    "softmax_ce inplace": {"inplace_backward": True},
+    "softmax_ce fused inplace": {"grad_mode": "fused", "inplace_backward": True},
 }
 # loss error against max(1, |ref|), gradient error against the largest reference gradient
 TOLERANCES = {"fp32": dict(loss=2e-5, grad=1e-4), "bf16": dict(loss=2e-2, grad=5e-2),
@@ -76,13 +75,17 @@ def make_inputs(a, device):
     return logits, target, grad_out
 
 
+def chunks(n, v):
+    step = max(1, REF_CHUNK_ELEMENTS // v)
+    return [slice(r0, r0 + step) for r0 in range(0, n, step)]
+
+
 def reference(logits, target, reduction, grad_out):
     n, v = logits.shape
     g = grad_out.double().expand(n) / (n if reduction == "mean" else 1)
     loss = torch.empty(n, dtype=torch.float64, device=logits.device)
     grad = torch.empty(n, v, dtype=torch.float32, device=logits.device)
-    step = max(1, REF_CHUNK_ELEMENTS // v)
-    for r in (slice(r0, r0 + step) for r0 in range(0, n, step)):
+    for r in chunks(n, v):
         x = logits[r].double().requires_grad_()
         lr = F.cross_entropy(x, target[r], reduction="none")
         (grad[r],) = torch.autograd.grad(lr, x, g[r])
@@ -91,16 +94,17 @@ def reference(logits, target, reduction, grad_out):
 
 
 def loss_fn(name, reduction):
-    kind, opts, _, _ = PROVIDERS[name]
-    if kind == "softmax_ce":
+    opts = PROVIDERS[name]
+    if isinstance(opts, dict):
         return lambda x, t: softmax_ce.cross_entropy(x, t, reduction=reduction, **opts)
     eager = lambda x, t: F.cross_entropy(x, t, reduction=reduction)  # noqa: E731
-    return torch.compile(eager, dynamic=False) if kind == "compile" else eager
+    return torch.compile(eager, dynamic=False) if opts == "compile" else eager
 
 
 def prepare(name, logits):
     """A leaf, or for the in-place modes a fresh copy handed over as an LM head's output."""
-    return C.handover(logits.clone()) if PROVIDERS[name][2] else logits.detach().requires_grad_()
+    inplace = isinstance(PROVIDERS[name], dict) and PROVIDERS[name].get("inplace_backward")
+    return C.handover(logits.clone()) if inplace else logits.detach().requires_grad_()
 
 
 def step(fn, x, target, grad_out):
@@ -111,29 +115,35 @@ def step(fn, x, target, grad_out):
 def errors(loss, grad, ref_loss, ref_grad, tol):
     loss_err = (loss.detach().double() - ref_loss).abs()
     loss_ok = bool((loss_err <= tol["loss"] * ref_loss.abs().clamp_min(1.0)).all())
-    rows = max(1, REF_CHUNK_ELEMENTS // grad.shape[1])
-    grad_err = torch.stack([(grad[r:r + rows].float() - ref_grad[r:r + rows]).abs().max()
-                            for r in range(0, grad.shape[0], rows)]).max().item()  # nan stays
+    grad_err = torch.stack([(grad[r].float() - ref_grad[r]).abs().max()
+                            for r in chunks(*grad.shape)]).max().item()  # nan stays nan
     return loss_err.max().item(), grad_err, loss_ok and grad_err <= tol["grad"] * ref_grad.abs().max().item()
 
 
 def time_ms(fn, name, logits, target, grad_out, a, device):
-    setup_x = {}
+    held = {}
 
     def setup():
-        setup_x["x"] = prepare(name, logits)  # the copy an in-place provider needs: untimed
-    if device.type == "cuda":
-        def run():
-            step(fn, setup_x.pop("x"), target, grad_out)
-        for _ in range(a.warmup):
-            setup()
-            run()
-        return C.cuda_median_ms(run, setup, warmup=0, min_reps=a.repeats, max_reps=a.repeats)
-    return C.cpu_median_ms(lambda: step(fn, setup_x.pop("x"), target, grad_out), setup=setup,
-                           warmup=a.warmup, reps=a.repeats)
+        held["x"] = prepare(name, logits)  # the copy an in-place provider needs: untimed
+
+    def run():
+        step(fn, held.pop("x"), target, grad_out)
+    if device.type != "cuda":
+        return C.cpu_median_ms(run, setup=setup, warmup=a.warmup, reps=a.repeats)
+    for _ in range(a.warmup):
+        setup()
+        run()
+    return C.cuda_median_ms(run, setup, warmup=0, min_reps=a.repeats, max_reps=a.repeats)
 
 
-def cuda_peak_mb(fn, name, logits, target, grad_out, device):
+def peak_mb(fn, name, logits, target, grad_out, a, device):
+    if device.type != "cuda":
+        res, why = C.run_child(__file__, ["--rows", str(a.rows), "--vocab", str(a.vocab), "--dtype",
+                                          a.dtype, "--device", "cpu", "--reduction", a.reduction,
+                                          "--rss-child", name])
+        if why:
+            print(f"[{name}] memory subprocess failed: {why}", file=sys.stderr)
+        return res and res["peak_mb"]
     x = prepare(name, logits)
     gc.collect()
     torch.cuda.synchronize(device)
@@ -148,11 +158,12 @@ def cuda_peak_mb(fn, name, logits, target, grad_out, device):
 def rss_child(a):
     """In a fresh process: one steady-state step's peak RSS beyond its inputs."""
     logits, target, grad_out = make_inputs(a, torch.device("cpu"))
-    fn = loss_fn(a.rss_child, a.reduction)
-    x = {}
-    r = C.measure_peak(lambda: (step(fn, x.pop("x"), target, grad_out), None)[1],
-                       warmup=lambda: (step(fn, prepare(a.rss_child, logits), target, grad_out),
-                                       x.setdefault("x", prepare(a.rss_child, logits))))
+    fn, name, held = loss_fn(a.rss_child, a.reduction), a.rss_child, {}
+
+    def warmup():
+        step(fn, prepare(name, logits), target, grad_out)
+        held["x"] = prepare(name, logits)
+    r = C.measure_peak(lambda: step(fn, held.pop("x"), target, grad_out) and None, warmup=warmup)
     C.child_result(dict(peak_mb=r["peak_mib"]))
 
 
@@ -165,42 +176,38 @@ def parse_args(argv):
     p.add_argument("--reduction", default="mean", choices=("mean", "sum", "none"))
     p.add_argument("--repeats", type=int, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, help="untimed steps before timing")
-    p.add_argument("--providers", help="comma-separated subset of: " + ", ".join(PROVIDERS))
+    p.add_argument("--providers", type=C.name_list, help="comma-separated subset of: "
+                                                         + ", ".join(PROVIDERS))
     p.add_argument("--compile", action="store_true", help="include torch.compile on CPU")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--rss-child", help=argparse.SUPPRESS)  # internal: one provider's RSS
     a = p.parse_args(argv)
     cuda = torch.device(a.device).type == "cuda"
     for k, v in DEFAULTS["cuda" if cuda else "cpu-interpreter" if C.interpreting() else "cpu"].items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-    names = C.name_list(a.providers) if a.providers else [
-        n for n, (kind, _, _, cpu) in PROVIDERS.items() if cuda or cpu or (kind == "compile" and a.compile)]
-    unknown = set(names) - set(PROVIDERS)
-    if unknown:
-        p.error(f"unknown provider(s): {', '.join(sorted(unknown))}")
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    names = a.providers or [n for n, o in PROVIDERS.items() if o != "compile" or cuda or a.compile]
+    if set(names) - set(PROVIDERS):
+        p.error(f"unknown provider(s): {', '.join(sorted(set(names) - set(PROVIDERS)))}")
     a.selected = [n for n in PROVIDERS if n in names]
     return a
 
 
 def header(a, device, logits):
     cuda = device.type == "cuda"
-    dev = (torch.cuda.get_device_name(device) if cuda else
-           f"{C.cpu_model()}, {torch.get_num_threads()} threads"
-           + (f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""))
+    dev = (torch.cuda.get_device_name(device) if cuda else f"{C.cpu_model()}, "
+           f"{torch.get_num_threads()} threads" + (f", load {os.getloadavg()[0]:.2f}"
+                                                   if hasattr(os, "getloadavg") else ""))
     memory = ("skipped" if a.no_memory else "torch.cuda.max_memory_allocated delta beyond the "
               "inputs" if cuda else "peak RSS (VmHWM) delta beyond the inputs, fresh subprocess "
               "per provider, glibc mmap threshold 1 MiB")
-    return "\n".join([
-        f"softmax_ce main job: cross-entropy forward+backward, reduction={a.reduction}, "
-        f"grad_output={'random per-row vector' if a.reduction == 'none' else 'random scalar'}",
-        f"device: {device} ({dev}) | dtype: {a.dtype} | logits: {a.rows} x {a.vocab} "
-        f"({logits.numel() * logits.element_size() / 2**20:.1f} MiB) | torch {torch.__version__} "
-        f"| triton {C.triton_version()}",
-        f"softmax_ce path: {C.path_name(logits)} | "
-        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}",
-        f"time: median of {a.repeats} after {a.warmup} warm-up "
-        f"({'CUDA events' if cuda else 'time.perf_counter'}) | memory: {memory}"])
+    return (f"softmax_ce main job: cross-entropy forward+backward, reduction={a.reduction}, "
+            f"grad_output={'random per-row vector' if a.reduction == 'none' else 'random scalar'}\n"
+            f"device: {device} ({dev}) | dtype: {a.dtype} | logits: {a.rows} x {a.vocab} "
+            f"({logits.numel() * logits.element_size() / 2**20:.1f} MiB) | torch {torch.__version__} "
+            f"| triton {C.package_version('triton')}\nsoftmax_ce path: {C.path_name(logits)} | "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}\n"
+            f"time: median of {a.repeats} after {a.warmup} warm-up "
+            f"({'CUDA events' if cuda else 'time.perf_counter'}) | memory: {memory}")
 
 
 def exit_code(rows):
@@ -208,8 +215,7 @@ def exit_code(rows):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = parse_args(argv)
+    a = parse_args(list(sys.argv[1:] if argv is None else argv))
     if a.rss_child:
         return rss_child(a)
     device = torch.device(a.device)
@@ -218,8 +224,6 @@ def main(argv=None):
     t0 = time.perf_counter()
     ref_loss, ref_grad = reference(logits, target, a.reduction, grad_out)
     tol, rows = TOLERANCES[a.dtype], []
-    child_argv = [__file__, "--rows", str(a.rows), "--vocab", str(a.vocab), "--dtype", a.dtype,
-                  "--device", "cpu", "--reduction", a.reduction, "--rss-child"]
     bar = tqdm(a.selected, desc="main job", unit="provider", file=sys.stderr,
                postfix=f"fp64 reference {time.perf_counter() - t0:.1f} s")
     for name in bar:
@@ -235,13 +239,7 @@ def main(argv=None):
             row["ms"] = time_ms(fn, name, logits, target, grad_out, a, device)
             if not a.no_memory:
                 bar.set_postfix_str(f"{name}: memory")
-                if device.type == "cuda":
-                    row["peak_mb"] = cuda_peak_mb(fn, name, logits, target, grad_out, device)
-                else:
-                    res, why = C.run_child(child_argv[0], child_argv[1:] + [name])
-                    row["peak_mb"] = res and res["peak_mb"]
-                    if why:
-                        print(f"[{name}] memory subprocess failed: {why}", file=sys.stderr)
+                row["peak_mb"] = peak_mb(fn, name, logits, target, grad_out, a, device)
         except Exception as exc:  # one broken provider must not hide the others' rows
             row["ok"], row["error"] = False, f"{type(exc).__name__}: {exc}"
         rows.append(row)
