@@ -95,6 +95,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if _extended.wanted(temperature, *stats, target_logits, kl):
         ext = _extended.prepare(input, target, weight, label_smoothing, grad_mode, temperature,
                                 *stats, target_logits, kl)
+        if isinstance(input, Tensor) and _under_torch_func(input):
+            R.fail(RuntimeError, "a torch.func transform (grad, vjp, jvp, vmap) is not "
+                                 "supported with temperature, return_entropy/argmax/accuracy "
+                                 "or target_logits (first-order autograd only)")
         if process_group is None:
             return _extended.run(input, target, weight, ignore_index, reduction,
                                  label_smoothing, z_loss, softcap, inplace_backward, grad_mode,

@@ -411,3 +411,13 @@ def test_modules_take_the_options():
     want = softmax_ce.linear_cross_entropy(h, head.linear.weight, t, temperature=1.5,
                                            return_argmax=True)
     assert torch.equal(got.loss, want.loss) and torch.equal(got.argmax, want.argmax)
+
+
+def test_higher_order_is_refused_clearly():
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 12, (4,))
+    with pytest.raises(RuntimeError, match="torch.func transform"):
+        torch.func.grad(lambda z: ce(z, t, temperature=2.0))(x.detach())
+    out = ce(x, t, return_entropy=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.loss + out.entropy.sum(), x, create_graph=True)
