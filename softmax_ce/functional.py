@@ -104,6 +104,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                  label_smoothing, z_loss, softcap, inplace_backward, grad_mode,
                                  return_lse, ext, *stats)
     if process_group is not None:
+        if isinstance(input, Tensor) and _under_torch_func(input):
+            R.fail(RuntimeError, "a torch.func transform (grad, vjp, jvp, vmap) is not "
+                                 "supported with process_group (vocabulary parallelism)")
         return _sharded(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                         softcap, inplace_backward, grad_mode, return_lse, process_group, ext,
                         stats)

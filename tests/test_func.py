@@ -409,6 +409,9 @@ def test_process_group_double_backward_error():
             torch.autograd.grad(loss, x, create_graph=True)
         (gx,) = torch.autograd.grad(ce(x, t, process_group=dist.group.WORLD), x)
         assert_close_to_ref(gx, torch.autograd.grad(F.cross_entropy(x, t), x)[0], torch.float64)
+        # a torch.func transform gets a clear error too, not torch's "setup_context" one
+        with pytest.raises(RuntimeError, match="torch.func transform .* with process_group"):
+            torch.func.grad(lambda z: ce(z, t, process_group=dist.group.WORLD))(x.detach())
     finally:
         if started:
             dist.destroy_process_group()
