@@ -13,6 +13,7 @@ another job on a shared box would) before the cell and stops it after; "idle": n
 Run:
     python perf/cpu_contention.py                     # the default grid (minutes)
     python perf/cpu_contention.py --shapes 256x32000 --threads 2 --runs 3
+    python perf/cpu_contention.py --shapes "" --threads 2 --loads busy --linear-chunk-mib 128
 Exits non-zero when ours is slower than torch in any cell.
 """
 
@@ -52,7 +53,7 @@ def _ce_steps(n, v):
     return {"softmax_ce": step(softmax_ce.cross_entropy), "torch": step(F.cross_entropy)}
 
 
-def _linear_steps(n, d, v):
+def _linear_steps(n, d, v, chunk_bytes=None):
     import torch
     import torch.nn.functional as F
 
@@ -68,13 +69,17 @@ def _linear_steps(n, d, v):
             fn(x, w, t).backward()
         return run
 
-    return {"softmax_ce": step(softmax_ce.linear_cross_entropy),
+    return {"softmax_ce": step(lambda x, w, t: softmax_ce.linear_cross_entropy(
+                x, w, t, chunk_bytes=chunk_bytes)),
             "torch": step(lambda x, w, t: F.cross_entropy(F.linear(x, w), t))}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of NxV (cross_entropy)")
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help="comma list of NxV (cross_entropy); empty for the linear row only")
+    ap.add_argument("--linear-chunk-mib", type=int, default=0,
+                    help="the linear cross-entropy's chunk_bytes in MiB (0: the package default)")
     ap.add_argument("--threads", default="1,2", help="comma list of torch thread counts")
     ap.add_argument("--loads", default="idle,busy", help="comma list of idle, busy")
     ap.add_argument("--runs", type=int, default=5)
@@ -90,7 +95,8 @@ def main(argv=None):
     print(f"softmax_ce CPU path vs torch eager | torch {torch.__version__} | fwd+bwd, fp32, "
           f"mean | {args.runs} interleaved runs, medians | chunk {CHUNK_ELEMENTS} logits",
           flush=True)
-    cells = [("cross_entropy", tuple(int(a) for a in s.split("x"))) for s in args.shapes.split(",")]
+    cells = [("cross_entropy", tuple(int(a) for a in s.split("x")))
+             for s in args.shapes.split(",") if s]
     if not args.no_linear:
         cells.append(("linear_cross_entropy", LINEAR_SHAPE))
     rows, worst = [], float("inf")
@@ -100,7 +106,9 @@ def main(argv=None):
             spinner = busy_process() if load == "busy" else None
             try:
                 for op, shape in cells:
-                    steps = _ce_steps(*shape) if op == "cross_entropy" else _linear_steps(*shape)
+                    steps = (_ce_steps(*shape) if op == "cross_entropy" else
+                             _linear_steps(*shape, chunk_bytes=args.linear_chunk_mib << 20
+                                           if args.linear_chunk_mib else None))
                     med = C.interleaved_medians(steps, args.runs)[0]
                     ratio = med["torch"] / med["softmax_ce"]
                     worst = min(worst, ratio)
