@@ -232,7 +232,9 @@ def grad_tile(
         z, slope = softcap_slope(z, softcap)
     z = z * inv_temp
     if HAS_ENT_GRAD:
-        g = (dlse + ent_grad * (ent_mean - z)) * tl.exp((z - row_max) - log_d)
+        # s (E_s[z''] - z'') is 0 on a -inf logit (s = 0), not 0 * inf
+        spread = tl.where(z == float("-inf"), 0.0, ent_mean - z)
+        g = (dlse + ent_grad * spread) * tl.exp((z - row_max) - log_d)
     else:
         g = dlse * tl.exp((z - row_max) - log_d)
     if HAS_WEIGHT:

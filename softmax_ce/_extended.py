@@ -195,7 +195,7 @@ class ExtendedCrossEntropyFunction(torch.autograd.Function):
             logits, target, weight, alpha, beta, zeta, prob_target, softcap, inv_temp,
             token_stats, teacher, teacher_kl)
         lse = row_max + log_d
-        ctx.args = (prob_target, softcap, inv_temp, teacher, inplace)
+        ctx.args = (prob_target, softcap, inv_temp, teacher, inplace, token_stats)
         ctx.mark_non_differentiable(argmax, row_max, log_d, dlse, teacher_rows)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta,
@@ -204,14 +204,17 @@ class ExtendedCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_entropy, *_):
-        prob_target, softcap, inv_temp, teacher, inplace = ctx.args
+        prob_target, softcap, inv_temp, teacher, inplace, token_stats = ctx.args
         if not ctx.needs_input_grad[0]:
             return (None,) * 13
         (logits, target, weight, row_max, log_d, dlse, alpha, beta, entropy,
          teacher_rows) = ctx.saved_tensors
+        # without token statistics the entropy output is empty; torch.compile still hands
+        # it a (materialised, empty) gradient
         grad = recompute_grad(logits, target, weight, row_max, log_d, dlse, alpha, beta,
-                              grad_loss, grad_lse, grad_entropy, entropy, prob_target, softcap,
-                              inv_temp, teacher_rows if teacher else None, inplace)
+                              grad_loss, grad_lse, grad_entropy if token_stats else None,
+                              entropy, prob_target, softcap, inv_temp,
+                              teacher_rows if teacher else None, inplace)
         return (grad,) + (None,) * 12
 
 def wanted(temperature, return_entropy, return_argmax, return_accuracy, target_logits, kl) -> bool:

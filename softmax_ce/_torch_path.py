@@ -93,7 +93,9 @@ def _grad_chunk(z, slope, target, weight, row_max, log_d, dlse, alpha, beta, pro
     (d loss / d entropy, sum s z'') per row."""
     g = (z - row_max[:, None]).sub_(log_d[:, None]).exp_()
     if ent is not None:
-        g.mul_(dlse[:, None] + ent[:, 0, None] * (ent[:, 1, None] - z))
+        # s (E_s[z''] - z'') is 0 on a -inf logit (s = 0), not 0 * inf
+        spread = torch.where(z == float("-inf"), 0.0, ent[:, 1, None] - z)
+        g.mul_(dlse[:, None] + ent[:, 0, None] * spread)
     else:
         g.mul_(dlse[:, None])
     if teacher is not None:
@@ -245,6 +247,8 @@ def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, 
             target_term = -torch.where(y > 0, y * logp, 0.0).sum(dim=1)
             if teacher_kl:
                 target_term += torch.where(y > 0, y * y_logp, 0.0).sum(dim=1)
+            # a teacher row of only -inf has no distribution: nan, as the kernels give
+            target_term = torch.where(torch.isneginf(t_log_d), float("nan"), target_term)
             del y, y_logp
             s_wy = torch.ones_like(lse_c)
             dlse_c = a.clone()

@@ -76,7 +76,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         the fraction of non-ignored tokens whose argmax is the target) are not.
     target_logits: `target` holds a teacher's logits (the input's shape); the soft target
         is ``softmax(target / temperature)``, formed row by row in the kernels and never
-        stored, and the loss is scaled by ``temperature**2`` (knowledge distillation).
+        stored, and the distillation term is scaled by ``temperature**2`` (knowledge
+        distillation; a z_loss term is not).
         kl=True gives KL(teacher || student) instead of the cross-entropy (they differ by
         the teacher's entropy, which has no gradient).  The teacher receives no gradient.
     These options run the recompute strategy (grad_mode="fused" is refused), also with

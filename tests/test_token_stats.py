@@ -30,7 +30,10 @@ def transformed(x, softcap, temperature):
 
 
 def ref_entropy(z2):
-    return torch.special.entr(torch.softmax(z2, dim=-1)).sum(-1)
+    """-sum p log p in fp64, differentiable also where a logit is -inf (p = 0 there: its
+    term is 0 and so is its gradient; torch.special.entr's would be 0 * inf = nan)."""
+    logp = torch.log_softmax(z2, dim=-1)
+    return -(logp.exp() * torch.where(torch.isneginf(logp), 0.0, logp)).sum(-1)
 
 
 @pytest.fixture
@@ -421,3 +424,57 @@ def test_higher_order_is_refused_clearly():
     out = ce(x, t, return_entropy=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.loss + out.entropy.sum(), x, create_graph=True)
+
+
+def test_entropy_gradient_on_masked_logits_is_zero(path):
+    """A masked vocabulary (-inf logits) with an entropy bonus: s (E[z] - z) there is 0,
+    not 0 * inf = nan, and no nan spreads to any row (even one whose entropy is unused)."""
+    g = gen("masked-entropy", path.name)
+    x0 = torch.randn(3, 40, generator=g)
+    x0[0, 30:] = float("-inf")
+    x0[2, :5] = float("-inf")
+    t = torch.tensor([0, 1, 7])
+    x = x0.clone().requires_grad_()
+    out = ce(x, t, reduction="none", return_entropy=True, temperature=1.2)
+    (out.loss.sum() + 0.5 * out.entropy[1] + 0.25 * out.entropy[2]).backward()
+    xr = x0.double().requires_grad_()
+    z2 = xr / 1.2
+    h = ref_entropy(z2)
+    (F.cross_entropy(z2, t, reduction="sum") + 0.5 * h[1] + 0.25 * h[2]).backward()
+    assert not torch.isnan(x.grad).any()
+    assert (x.grad[0, 30:] == 0).all() and (x.grad[2, :5] == 0).all()
+    assert_close_to_ref(x.grad, xr.grad, torch.float32, what="grad")
+
+
+def test_teacher_row_of_only_minus_inf_is_nan(path):
+    x = torch.randn(3, 11)
+    teacher = torch.randn(3, 11)
+    teacher[1] = float("-inf")
+    loss = ce(x, teacher, target_logits=True, reduction="none")
+    assert torch.isnan(loss[1]) and not torch.isnan(loss[[0, 2]]).any()
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=2.0), dict(target_logits=True, kl=True),
+                                dict(temperature=0.5, return_lse=True)],
+                         ids=["temperature", "teacher-kl", "temperature-lse"])
+def test_torch_compile_without_the_entropy(kw, path):
+    """Options without return_entropy: the (empty) entropy output gets a materialised
+    gradient under torch.compile, which the backward must ignore."""
+    g = gen("compile-no-entropy", str(kw), path.name)
+    x0 = torch.randn(6, 37, generator=g)
+    t = (torch.randn(6, 37, generator=g) if kw.get("target_logits")
+         else torch.randint(0, 37, (6,), generator=g))
+
+    def step(x):
+        out = ce(x, t, **kw)
+        return out[0] + out[1].sum() if kw.get("return_lse") else out
+
+    xe = x0.clone().requires_grad_()
+    le = step(xe)
+    le.backward()
+    torch._dynamo.reset()
+    xc = x0.clone().requires_grad_()
+    lc = torch.compile(step)(xc)
+    lc.backward()
+    assert torch.allclose(lc, le, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(xc.grad, xe.grad, rtol=1e-5, atol=1e-7)
