@@ -223,18 +223,18 @@ def wanted(temperature, return_entropy, return_argmax, return_accuracy, target_l
             or target_logits or kl)
 
 
-def check(temperature, target_logits, kl, grad_mode, fail, api="cross_entropy"):
+def check(temperature, target_logits, kl, grad_mode, api="cross_entropy"):
     try:
         t = float(temperature)
     except (TypeError, ValueError):
-        fail(TypeError, f"temperature must be a positive float, got {temperature!r}", api)
+        R.fail(TypeError, f"temperature must be a positive float, got {temperature!r}", api)
     if not t > 0.0 or t == float("inf"):
-        fail(ValueError, f"temperature must be a positive, finite float, got {temperature!r}", api)
+        R.fail(ValueError, f"temperature must be a positive, finite float, got {temperature!r}", api)
     if kl and not target_logits:
-        fail(ValueError, "kl=True compares against a teacher's distribution: it needs "
+        R.fail(ValueError, "kl=True compares against a teacher's distribution: it needs "
                          "target_logits=True", api)
     if grad_mode != "recompute":
-        fail(ValueError, f"grad_mode={grad_mode!r} is not available with temperature, "
+        R.fail(ValueError, f"grad_mode={grad_mode!r} is not available with temperature, "
                          f"return_entropy/argmax/accuracy or target_logits (their gradient "
                          f"is known only in the backward); use grad_mode=\"recompute\"", api)
     return t
@@ -259,7 +259,7 @@ class Extension(NamedTuple):
 def prepare(input, target, weight, label_smoothing, grad_mode, temperature, return_entropy,
             return_argmax, return_accuracy, target_logits, kl) -> Extension:
     """Check the extended options against the call (before anything runs) -> Extension."""
-    temperature = check(temperature, target_logits, kl, grad_mode, R.fail)
+    temperature = check(temperature, target_logits, kl, grad_mode)
     prob_target = isinstance(target, Tensor) and target.is_floating_point()
     if target_logits:
         if not prob_target or target.shape != input.shape:

@@ -148,6 +148,19 @@ def _slice_weight(weight, offset, n_local, n_global, dtype, device, api, name):
     return weight.detach().to(device=device, dtype=dtype).contiguous()
 
 
+def _mixture(log_d_r, m_r):
+    """Global (m, log d) of slices' (m_r, log d_r), and each slice's share of the mass,
+    pi_r = exp(lse_r - lse), and delta_r = lse - lse_r (0 for an empty slice).  A slice
+    with no probability mass (empty, or all -inf) has log d_r = -inf."""
+    empty = torch.isneginf(log_d_r)
+    m = torch.where(empty, float("-inf"), m_r).amax(dim=0)
+    m = torch.where(torch.isneginf(m), 0.0, m)
+    log_d = torch.logsumexp(log_d_r + (m_r - m[None]), dim=0)
+    delta = torch.where(empty, 0.0, (m[None] - m_r) + (log_d[None] - log_d_r))
+    pi = torch.where(empty, 0.0, torch.exp(-delta))
+    return m, log_d, pi, delta
+
+
 def _combine(gathered: Tensor, prob_target: bool):
     """Global per-row (m, log d, target term, smoothing term, sum w y, w[t], W) from the slices.
 
@@ -155,13 +168,7 @@ def _combine(gathered: Tensor, prob_target: bool):
     difference delta_r = lse - lse_r is formed as (m - m_r) + (log d - log d_r), never by
     subtracting two rounded lse values (rows near +-1e4 would lose ~1e-3 to that).
     """
-    m_r, log_d_r = gathered[..., _ROW_MAX], gathered[..., _LOG_D]
-    # a slice with no probability mass (empty, or all -inf) has log d_r = -inf
-    empty = torch.isneginf(log_d_r)
-    m = torch.where(empty, float("-inf"), m_r).amax(dim=0)
-    m = torch.where(torch.isneginf(m), 0.0, m)
-    log_d = torch.logsumexp(log_d_r + (m_r - m[None]), dim=0)
-    delta = torch.where(empty, 0.0, (m[None] - m_r) + (log_d[None] - log_d_r))
+    m, log_d, _, delta = _mixture(gathered[..., _LOG_D], gathered[..., _ROW_MAX])
     owner = gathered[..., _OWNER]
     if prob_target:
         target_term = (gathered[..., _TARGET] + gathered[..., _SWY] * delta).sum(0)
@@ -197,18 +204,6 @@ def _empty_slice_stats(n_rows, dtype, device, need_smooth):
     row_max = torch.zeros(n_rows, dtype=dtype, device=device)
     return (row_max, torch.full_like(row_max, float("-inf")), torch.zeros_like(row_max),
             torch.zeros_like(row_max) if need_smooth else None)
-
-
-def _mixture(log_d_r, m_r):
-    """Global (m, log d) of slices' (m_r, log d_r), and each slice's share of the mass,
-    pi_r = exp(lse_r - lse), and delta_r = lse - lse_r (0 for an empty slice)."""
-    empty = torch.isneginf(log_d_r)
-    m = torch.where(empty, float("-inf"), m_r).amax(dim=0)
-    m = torch.where(torch.isneginf(m), 0.0, m)
-    log_d = torch.logsumexp(log_d_r + (m_r - m[None]), dim=0)
-    delta = torch.where(empty, 0.0, (m[None] - m_r) + (log_d[None] - log_d_r))
-    pi = torch.where(empty, 0.0, torch.exp(-delta))
-    return m, log_d, pi, delta
 
 
 def _combine_extended(gathered, ext, cols):

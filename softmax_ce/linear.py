@@ -95,7 +95,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     """
     ignore_index = -100 if ignore_index is None else ignore_index
     R.check_options(reduction, label_smoothing, z_loss, softcap, api=_API)
-    temperature = _extended.check(temperature, False, False, "recompute", R.fail, _API)
+    temperature = _extended.check(temperature, False, False, "recompute", _API)
     token_stats = bool(return_entropy or return_argmax or return_accuracy)
     if token_stats and impl != "chunked":
         R.fail(NotImplementedError, "return_entropy/argmax/accuracy need impl=\"chunked\" (the "
