@@ -361,7 +361,8 @@ def ce_fwd_kernel(
         dlse += beta * W
     if HAS_ZLOSS:
         loss += tl.where(zeta != 0.0, zeta * lse * lse, 0.0)
-        dlse += 2.0 * zeta * lse
+        # an ignored row (zeta 0) of -inf or nan logits: 0, not 0 * inf, so its gradient is 0
+        dlse += tl.where(zeta != 0.0, 2.0 * zeta * lse, 0.0)
     tl.store(loss_ptr + row, loss)
     tl.store(row_max_ptr + row, row_max)
     tl.store(log_d_ptr + row, log_d)

@@ -241,7 +241,7 @@ def compose_rows(lse, target_term, smooth_term, alpha, beta, zeta, W, s_wy=None)
         dlse = dlse + beta * W
     if zeta is not None:
         loss = loss + torch.where(zeta != 0, zeta * lse * lse, 0.0)
-        dlse = dlse + 2.0 * zeta * lse
+        dlse = dlse + torch.where(zeta != 0, 2.0 * zeta * lse, 0.0)  # 0, not 0 * inf
     return loss, dlse
 
 def reduce_rows(loss_rows, lse, reduction, nan_if_empty, batch_shape, dtype, return_lse):

@@ -280,7 +280,7 @@ def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, 
         if zeta is not None:
             zt = zeta[rows].to(cdt)
             loss_c += torch.where(zt != 0, zt * lse_c * lse_c, 0.0)
-            dlse_c += 2.0 * zt * lse_c
+            dlse_c += torch.where(zt != 0, 2.0 * zt * lse_c, 0.0)
         loss[rows] = loss_c
         row_max[rows] = row_max_c
         log_d[rows] = log_d_c

@@ -294,6 +294,33 @@ def test_nan_logit_propagates(where, grad_mode, smoothing, path):
                         torch.float32, what="mean")
 
 
+@pytest.mark.parametrize("bad", ["nan", "all-minus-inf"])
+@pytest.mark.parametrize("grad_mode", softmax_ce.GRAD_MODES)
+def test_ignored_row_of_nan_or_minus_inf_with_z_loss(bad, grad_mode, path):
+    """An ignored row's gradient is 0 whatever its logits hold, also with z_loss: its d loss
+    / d lse is 2 * 0 * lse, which is nan for an lse of nan or -inf unless it is taken as 0
+    (it was, and the nan reached every gradient of the step through the LM head)."""
+    g = gen("ignored-zloss", bad, grad_mode, path.name)
+    z = torch.randn(4, 40, generator=g)
+    target = torch.randint(0, 40, (4,), generator=g)
+    target[2] = -100
+    if bad == "nan":
+        z[2, 7] = float("nan")
+    else:
+        z[2] = float("-inf")
+    live = torch.tensor([0, 1, 3])
+    ref_x = z.double().requires_grad_()
+    ref = reference_cross_entropy(ref_x[live], target[live], reduction="sum", z_loss=1e-2)
+    ref.backward()
+    x = (z.to(path.device) * 1.0).requires_grad_()
+    check_path(path, x)
+    loss = ce(x, target.to(path.device), reduction="sum", z_loss=1e-2, grad_mode=grad_mode)
+    assert_close_to_ref(loss, ref, torch.float32, what="loss")
+    loss.backward()
+    assert (x.grad[2] == 0).all(), x.grad[2]
+    assert_close_to_ref(x.grad[live], ref_x.grad[live], torch.float32, what="grad")
+
+
 # ----------------------------------------------------------------------------
 # Class-index dtypes
 # ----------------------------------------------------------------------------
