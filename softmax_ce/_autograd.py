@@ -47,6 +47,9 @@ class CrossEntropyCore(torch.autograd.Function):
     (no retain_graph re-runs, no gradcheck): autograd raises its in-place error on a
     second one.  `extra` is otherwise empty, or, fused and in place with a probability
     target that requires grad, a copy of the logits made before they are overwritten.
+    grad_mode "softmax" (internal, chosen by training_grad_mode for the PyTorch path): as
+    "recompute", and the forward also writes softmax(z) (`extra`, kept on ctx), which the
+    first backward rescales in place into the gradient; anything else recomputes.
     inplace: the gradient is written into the logits' storage; the write bumps the
     logits' version counter (the out-variant op under torch.compile, explicitly in
     eager), so autograd makes any later use of those logits in a backward raise instead
@@ -75,6 +78,8 @@ class CrossEntropyCore(torch.autograd.Function):
                 loss, row_max, log_d, dlse = _ops.inplace_fwd_grad(logits, *args)
             else:
                 loss, row_max, log_d, dlse, extra = _ops.fwd_grad(logits, *args)
+        elif grad_mode == "softmax":
+            loss, row_max, log_d, dlse, extra = _ops.softmax_fwd(logits, target, alpha, zeta)
         else:
             loss, row_max, log_d, dlse = _ops.fwd(logits, *args)
         if extra is None:
@@ -101,6 +106,12 @@ class CrossEntropyCore(torch.autograd.Function):
             ctx.save_for_backward(logits, target, weight, row_max, log_d, dlse, alpha, beta,
                                   zeta)
             ctx.save_for_forward(logits, target, weight, alpha, beta, zeta)
+            # grad_mode "softmax": the forward's softmax, which the first backward turns into
+            # the gradient in place.  Kept on ctx, not saved: the saved-tensor version check
+            # would make a second backward (retain_graph) raise, where it recomputes the
+            # softmax with the same op instead, so that both give the same bits.
+            ctx.softmax_mode = grad_mode == "softmax"
+            ctx.soft = extra if ctx.softmax_mode else None
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, *_):
@@ -132,7 +143,15 @@ class CrossEntropyCore(torch.autograd.Function):
                 # before an in-place backward overwrites the logits
                 grad_target = _probability_target_grad(logits, row_max, log_d, alpha, weight,
                                                        grad_loss, ctx.softcap)
-            if ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0] and ctx.softmax_mode and not _batched(grad_loss, grad_lse):
+                soft, ctx.soft = ctx.soft, None  # handed out once
+                if soft is None:
+                    soft = _ops.softmax(logits)
+                g = grad_loss.to(dlse.dtype)
+                coef = g * dlse if grad_lse is None else g * dlse + grad_lse
+                _ops.softmax_grad_(soft, target, coef, g * alpha)
+                grad_logits = soft
+            elif ctx.needs_input_grad[0]:
                 grad_logits = recompute_grad(logits, target, weight, row_max, log_d, dlse, alpha,
                                              beta, grad_loss, grad_lse, ctx.prob_target,
                                              ctx.softcap, ctx.inplace)
@@ -175,6 +194,31 @@ class CrossEntropyFunction(CrossEntropyCore):
         if t_lse is None:
             t_lse = torch.zeros_like(alpha)
         return t_loss, t_lse, None, None, None, None
+
+
+def _batched(*grads):
+    """Whether a backward's incoming gradients are vmapped (is_grads_batched, batched
+    gradcheck): the in-place softmax path cannot take them, the recompute ops can."""
+    F = torch._C._functorch
+    return any(g is not None and (F.is_functorch_wrapped_tensor(g) or F.is_legacy_batchedtensor(g))
+               for g in grads)
+
+
+def training_grad_mode(logits, grad_mode, inplace, prob_target, softcap, beta):
+    """The grad_mode the Function runs: "softmax" in place of "recompute" where the back end
+    keeps the forward's softmax for the backward (_ops.caches_softmax: the PyTorch path),
+    for class-index targets without label smoothing or softcap, in eager first-order
+    training; grad_mode otherwise.  "softmax" is "recompute" in everything but speed and
+    when the buffer is made: the logits are saved as well, so a backward that must be
+    differentiated (create_graph, torch.func), the jvp and a second backward over the same
+    graph recompute from them, while the first plain backward only rescales the softmax."""
+    if (grad_mode == "recompute" and not inplace and not prob_target and softcap is None
+            and beta is None and torch.is_grad_enabled() and logits.requires_grad
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(logits)
+            and _ops.caches_softmax(logits)):
+        return "softmax"
+    return grad_mode
 
 
 def cross_entropy_function():

@@ -91,6 +91,40 @@ def backward_into(logits: Tensor, target: Tensor, weight: Optional[Tensor], row_
                               prob_target, softcap, inv_temp=inv_temp, teacher=teacher, ent=ent)
 
 
+def caches_softmax(logits: Tensor) -> bool:
+    """Whether a training step's forward writes softmax(z) for its backward
+    (softmax_forward_into), rather than the backward recomputing it: the PyTorch path's
+    strategy, where a second read of the logits costs an exp per element and a fresh
+    buffer.  The kernels recompute (a read of HBM is cheaper than a write and a read)."""
+    return backend_for(logits) == "torch" and logits.dtype in (torch.float32, torch.float64)
+
+
+def softmax_forward_into(logits: Tensor, target: Tensor, alpha: Tensor, zeta: Optional[Tensor],
+                         loss: Tensor, row_max: Tensor, log_d: Tensor, dlse: Tensor,
+                         soft: Tensor) -> None:
+    """forward_into for class-index targets, no label smoothing or softcap, with softmax(z)
+    written into `soft` (the logits' shape); PyTorch path only (caches_softmax)."""
+    if logits.shape[0] == 0:
+        return
+    _torch_path.softmax_forward(logits, target, alpha, zeta, loss, row_max, log_d, dlse, soft)
+
+
+def softmax(logits: Tensor) -> Tensor:
+    """The `soft` that softmax_forward_into writes, alone, bit for bit."""
+    soft = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if logits.shape[0] != 0:
+        _torch_path.softmax_(logits, soft)
+    return soft
+
+
+def softmax_grad_(soft: Tensor, target: Tensor, dlse: Tensor, alpha: Tensor) -> None:
+    """softmax_forward_into's `soft` becomes the gradient in place; dlse and alpha already
+    hold grad_output (and dlse the lse's own gradient)."""
+    if soft.shape[0] == 0:
+        return
+    _torch_path.softmax_grad_(soft, target, dlse, alpha)
+
+
 def scale_(grad: Tensor, scale: Tensor) -> None:
     """grad[i, :] *= scale[i]; `scale` may be an expanded scalar (stride 0)."""
     if grad.shape[0] == 0:

@@ -298,6 +298,30 @@ def inplace_bwd(logits, target, weight, row_max, log_d, dlse, alpha, beta, prob_
         torch.autograd.graph.increment_version(logits)
 
 
+def softmax_fwd(logits, target, alpha, zeta):
+    """The PyTorch path's training forward (_launch.caches_softmax): -> [loss, row_max,
+    log_d, dlse, soft], soft = softmax(logits) for softmax_grad_.  Eager only, never under
+    torch.compile or torch.func (CrossEntropyCore's grad_mode "softmax"), so no op."""
+    loss, row_max, log_d, dlse = _row_outputs(logits)
+    soft = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _launch.softmax_forward_into(logits, target, alpha, zeta, loss, row_max, log_d, dlse, soft)
+    return [loss, row_max, log_d, dlse, soft]
+
+
+def softmax_grad_(soft, target, dlse, alpha):
+    """softmax_fwd's soft becomes the gradient in place (eager only)."""
+    _launch.softmax_grad_(soft, target, dlse, alpha)
+    torch.autograd.graph.increment_version(soft)
+
+
+def softmax(logits):
+    """softmax_fwd's soft alone, by the same op (a second backward over its graph)."""
+    return _launch.softmax(logits)
+
+
+caches_softmax = _launch.caches_softmax
+
+
 def inplace_scale(grad, scale):
     """scale_: grad[i, :] *= scale[i] (op under compile, launcher otherwise)."""
     if _compiling():

@@ -200,12 +200,67 @@ def _ce_forward_stats(z, target, weight, alpha, beta, zeta, loss, row_max, log_d
     dlse.copy_(dlse_c)
 
 
+def softmax_forward(logits, target, alpha, zeta, loss, row_max, log_d, dlse, soft):
+    """ce_forward for class-index targets, no label smoothing, no softcap, logits in the
+    compute dtype, which also writes softmax(z) into `soft` for softmax_grad_ to turn into
+    the gradient in place: a CPU training step's forward (grad_mode "softmax"), and the
+    fused modes' (soft = the gradient's buffer, which may be the logits themselves: every
+    read of the logits comes before the softmax is written).
+
+    Three passes over the whole tensor, each one of PyTorch's fused row kernels: the row
+    max of z, softmax into `soft`, and the row max of s, which is exactly 1/d (its
+    exponent is 0), so log d = -log max s keeps its precision for rows near +-1e4.  No
+    temporary, so no chunks: whole-tensor ops are fewer thread-pool barriers, each of
+    which waits for a thread that another process has descheduled
+    (perf/cpu_contention.py).  Keeping s costs one logits-sized buffer from the forward
+    on, which the recompute backward would allocate anyway; in exchange the backward is
+    one multiply instead of a second read of the logits with an exp per element (torch's
+    exp costs more than its whole softmax here), and it faults in no fresh buffer."""
+    n_cols = logits.shape[1]
+    m = logits.amax(dim=1)
+    in_range = (target >= 0) & (target < n_cols)
+    z_t = logits.gather(1, torch.where(in_range, target, 0).long()[:, None])[:, 0]
+    softmax_(logits, soft)
+    dead = m == float("-inf")  # every logit -inf: lse -inf, loss nan, as the kernels say
+    rmax = torch.where(dead, 0.0, m)
+    ld = torch.where(dead, float("-inf"), soft.amax(dim=1).log().neg_())
+    target_term = torch.where(in_range, (rmax - z_t) + ld, ld)  # elsewhere: kept finite
+    target_term = torch.where(dead, float("nan"), target_term)
+    loss_c, dlse_c = compose_rows(rmax + ld, target_term, None, alpha, None, zeta, None)
+    loss.copy_(loss_c)
+    row_max.copy_(rmax)
+    log_d.copy_(ld)
+    dlse.copy_(dlse_c)
+
+
+def softmax_(logits, soft):
+    """soft = softmax(logits) over the last dimension: PyTorch's fused row kernel."""
+    torch._softmax(logits, 1, False, out=soft)
+
+
+def softmax_grad_(soft, target, dlse, alpha):
+    """softmax_forward's `soft` becomes d loss / d z in place: s * dlse - alpha onehot, with
+    dlse and alpha already holding grad_output (and dlse the lse's own gradient).  Whole-
+    tensor ops: one multiply and a scatter."""
+    soft.mul_(dlse[:, None].to(soft.dtype))
+    _sub_onehot(soft, target, alpha.to(soft.dtype))
+    _zero_ignored(soft, dlse, alpha, None)
+
+
 def ce_forward(logits, target, weight, alpha, beta, zeta, loss, row_max, log_d, dlse, grad,
                prob_target, softcap, stats=None, *, inv_temp=1.0, entropy=None, argmax=None,
                teacher=None, teacher_kl=False):
     n_rows, n_cols = logits.shape
     cdt = row_dtype(logits)
     plain = inv_temp == 1.0 and entropy is None and teacher is None
+    if (plain and grad is not None and stats is None and softcap is None and not prob_target
+            and beta is None and logits.dtype == cdt and grad.is_contiguous()
+            and (grad.data_ptr() != logits.data_ptr() or logits.is_contiguous())):
+        # the fused modes: the softmax into the gradient's buffer, then one multiply
+        a, zt = alpha.to(cdt), zeta.to(cdt) if zeta is not None else None
+        softmax_forward(logits, target, a, zt, loss, row_max, log_d, dlse, grad)
+        softmax_grad_(grad, target, dlse, a)
+        return
     if (plain and grad is None and stats is None and softcap is None and not prob_target
             and logits.dtype == cdt):
         w = weight.to(cdt) if weight is not None else None

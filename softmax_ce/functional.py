@@ -15,7 +15,8 @@ from torch.nn import _reduction
 from . import _extended
 from . import _rows as R
 from . import distributed
-from ._autograd import CrossEntropyFunction, cross_entropy_function, higher_order_error
+from ._autograd import (CrossEntropyFunction, cross_entropy_function, higher_order_error,
+                        training_grad_mode)
 from ._rows import GRAD_MODES
 
 
@@ -49,6 +50,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         otherwise (the row is read twice, from HBM at LLM sizes), and 2 / 4 for rows
         that fit one tile (V <= BLOCK_V), which are read once.  With ``"fused"`` and
         ``inplace_backward=True`` the logits are overwritten already by the forward.
+        On the PyTorch path (CPU tensors, float64), "recompute" keeps the forward's
+        softmax instead, in the buffer the backward would allocate, and the backward
+        rescales it in place (one multiply, no second exp per logit), for class-index
+        targets without label smoothing or softcap; a backward that is differentiated
+        again, or run twice, still recomputes.
         When no backward can follow (``torch.no_grad()``, logits that do not require
         grad) every mode runs forward only: nothing is computed for a gradient and
         nothing is written into the logits.
@@ -134,6 +140,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if (grad_mode == "fused" or inplace) and _under_torch_func(logits2):
         raise higher_order_error("a torch.func transform (grad, vjp, jvp, vmap)",
                                  grad_mode == "fused")
+    grad_mode = training_grad_mode(logits2, grad_mode, inplace, prob_target, softcap, beta)
     loss_rows, lse = cross_entropy_function().apply(
         logits2, target2, kernel_weight, alpha, beta, zeta, prob_target, softcap,
         grad_mode, inplace)[:2]
