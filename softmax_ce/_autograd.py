@@ -78,7 +78,7 @@ class CrossEntropyCore(torch.autograd.Function):
                 loss, row_max, log_d, dlse = _ops.inplace_fwd_grad(logits, *args)
             else:
                 loss, row_max, log_d, dlse, extra = _ops.fwd_grad(logits, *args)
-        elif grad_mode == "softmax":
+        elif grad_mode == "softmax" and not inplace:
             loss, row_max, log_d, dlse, extra = _ops.softmax_fwd(logits, target, alpha, zeta)
         else:
             loss, row_max, log_d, dlse = _ops.fwd(logits, *args)
@@ -110,8 +110,9 @@ class CrossEntropyCore(torch.autograd.Function):
             # the gradient in place.  Kept on ctx, not saved: the saved-tensor version check
             # would make a second backward (retain_graph) raise, where it recomputes the
             # softmax with the same op instead, so that both give the same bits.
+            # In place, the backward writes the softmax over the logits instead.
             ctx.softmax_mode = grad_mode == "softmax"
-            ctx.soft = extra if ctx.softmax_mode else None
+            ctx.soft = extra if ctx.softmax_mode and not inplace else None
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, *_):
@@ -145,7 +146,9 @@ class CrossEntropyCore(torch.autograd.Function):
                                                        grad_loss, ctx.softcap)
             if ctx.needs_input_grad[0] and ctx.softmax_mode and not _batched(grad_loss, grad_lse):
                 soft, ctx.soft = ctx.soft, None  # handed out once
-                if soft is None:
+                if ctx.inplace:
+                    soft = _ops.softmax_(logits)
+                elif soft is None:
                     soft = _ops.softmax(logits)
                 g = grad_loss.to(dlse.dtype)
                 coef = g * dlse if grad_lse is None else g * dlse + grad_lse
@@ -208,11 +211,13 @@ def training_grad_mode(logits, grad_mode, inplace, prob_target, softcap, beta):
     """The grad_mode the Function runs: "softmax" in place of "recompute" where the back end
     keeps the forward's softmax for the backward (_ops.caches_softmax: the PyTorch path),
     for class-index targets without label smoothing or softcap, in eager first-order
-    training; grad_mode otherwise.  "softmax" is "recompute" in everything but speed and
-    when the buffer is made: the logits are saved as well, so a backward that must be
+    training; grad_mode otherwise.  In place (contiguous logits), the backward writes the
+    softmax over the logits and rescales it there.  "softmax" is "recompute" in
+    everything but speed and when the buffer is made: the logits are saved as well, so a backward that must be
     differentiated (create_graph, torch.func), the jvp and a second backward over the same
     graph recompute from them, while the first plain backward only rescales the softmax."""
-    if (grad_mode == "recompute" and not inplace and not prob_target and softcap is None
+    if (grad_mode == "recompute" and (not inplace or logits.is_contiguous())
+            and not prob_target and softcap is None
             and beta is None and torch.is_grad_enabled() and logits.requires_grad
             and not torch.compiler.is_compiling()
             and not torch._C._functorch.is_functorch_wrapped_tensor(logits)

@@ -117,6 +117,12 @@ def softmax(logits: Tensor) -> Tensor:
     return soft
 
 
+def softmax_(logits: Tensor) -> None:
+    """softmax(), written over the (contiguous) logits themselves."""
+    if logits.shape[0] != 0:
+        _torch_path.softmax_(logits, logits)
+
+
 def softmax_grad_(soft: Tensor, target: Tensor, dlse: Tensor, alpha: Tensor) -> None:
     """softmax_forward_into's `soft` becomes the gradient in place; dlse and alpha already
     hold grad_output (and dlse the lse's own gradient)."""

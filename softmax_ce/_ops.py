@@ -314,6 +314,13 @@ def softmax_grad_(soft, target, dlse, alpha):
     torch.autograd.graph.increment_version(soft)
 
 
+def softmax_(logits):
+    """softmax_fwd's soft, written over the logits (an in-place backward) -> the logits."""
+    _launch.softmax_(logits)
+    torch.autograd.graph.increment_version(logits)
+    return logits
+
+
 def softmax(logits):
     """softmax_fwd's soft alone, by the same op (a second backward over its graph)."""
     return _launch.softmax(logits)

@@ -56,7 +56,8 @@ def test_where_the_mode_is_chosen(torch_path):
     assert _mode(x, prob_target=True) == "recompute"
     assert _mode(x, softcap=30.0) == "recompute"
     assert _mode(x, beta=torch.ones(4)) == "recompute"  # label smoothing
-    assert _mode(x, inplace=True) == "recompute"
+    assert _mode(x, inplace=True) == "softmax"  # the backward's softmax over the logits
+    assert _mode(x.t(), inplace=True) == "recompute"  # not in place on a strided tensor
     assert _mode(x, grad_mode="fused") == "fused"
     assert _mode(x.detach()) == "recompute"
     with torch.no_grad():
@@ -133,7 +134,7 @@ class _Ops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         big = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
-               if isinstance(o, torch.Tensor) and o.numel() > 1000]
+               if isinstance(o, torch.Tensor) and o.numel() > 100]  # not row vectors
         self.ops.append((str(func), [o.data_ptr() for o in big]))
         return out
 
@@ -174,3 +175,30 @@ def test_second_backward_gives_the_same_bits(name, torch_path):
     second, = torch.autograd.grad(obj, x)
     assert torch.equal(first, second)
     assert not torch.isnan(first[t != -100]).any()
+
+
+@pytest.mark.parametrize("name", ["mean", "none-zloss"])
+def test_inplace_backward_writes_the_softmax_over_the_logits(name, torch_path):
+    """inplace_backward=True: the backward writes the softmax over the logits and rescales
+    it there (no exp, no second buffer), and the logits' storage ends up holding the
+    gradient; the user's leaf is untouched."""
+    opts = dict(OPTIONS[name])
+    g = gen("cpu-training-inplace", name)
+    z, t = _gpu_like_logits(8, 50, g)
+    leaf = z.float().requires_grad_()
+    base = leaf * 1.0  # an LM head's output, say
+    loss = softmax_ce.cross_entropy(base, t, inplace_backward=True, **opts)
+    up = torch.randn(loss.shape, generator=g)
+    with _Ops() as bwd:
+        (loss * up).sum().backward()
+    names = [op for op, _ in bwd.ops]
+    softmax_out = [ptrs for op, ptrs in bwd.ops if op == "aten._softmax.out"]
+    assert softmax_out == [[base.data_ptr()]], names
+    assert not {op.split(".")[1] for op in names} & {"exp", "exp_", "sub"}, names
+    ref_x = z.float().double().requires_grad_()
+    (reference_cross_entropy(ref_x, t, **opts) * up.double()).sum().backward()
+    live = t != -100
+    assert_close_to_ref(leaf.grad[live], ref_x.grad[live], torch.float32, what="grad")
+    assert (leaf.grad[~live] == 0).all()
+    assert torch.equal(base.detach(), leaf.grad), "the logits' storage does not hold the gradient"
+    torch.testing.assert_close(leaf.detach(), z.float(), rtol=0, atol=0, equal_nan=True)
