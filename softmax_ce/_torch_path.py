@@ -5,7 +5,9 @@ the kernels are not interpreted and for float64 anywhere (the fp32-accumulating 
 would not honour it).  It walks the rows in chunks of at most CHUNK_ELEMENTS logits, so
 its temporaries stay a fixed size however large the logits are; the linear
 cross-entropy computes each chunk's logits x_c @ W^T and reuses the same chunk math,
-so no N x V tensor exists.  Imports nothing of the package but its per-row math (_rows).
+so no N x V tensor exists.  A training step's forward (softmax_forward) and the fused
+modes' run on the whole tensor instead: they need no temporary, only the buffer that
+becomes the gradient.  Imports nothing of the package but its per-row math (_rows).
 
 Row vectors: row_max (m, 0 for an all -inf row), log_d (lse = row_max + log_d, kept
 apart for precision), dlse (d loss / d lse; in a backward, scaled by grad_output and
