@@ -213,9 +213,10 @@ def training_grad_mode(logits, grad_mode, inplace, prob_target, softcap, beta):
     for class-index targets without label smoothing or softcap, in eager first-order
     training; grad_mode otherwise.  In place (contiguous logits), the backward writes the
     softmax over the logits and rescales it there.  "softmax" is "recompute" in
-    everything but speed and when the buffer is made: the logits are saved as well, so a backward that must be
-    differentiated (create_graph, torch.func), the jvp and a second backward over the same
-    graph recompute from them, while the first plain backward only rescales the softmax."""
+    everything but speed and when the buffer is made: the logits are saved as well, so a
+    backward that must be differentiated (create_graph, torch.func), the jvp and a second
+    backward over the same graph recompute from them, while the first plain backward only
+    rescales the softmax."""
     if (grad_mode == "recompute" and (not inplace or logits.is_contiguous())
             and not prob_target and softcap is None
             and beta is None and torch.is_grad_enabled() and logits.requires_grad
